@@ -1,0 +1,177 @@
+"""`reconciler status`: the recorded inventory joined with what the kernel shows now.
+
+The JSON document is the contract's section 4. A recorded `Ready` environment whose
+kernel objects are not all there is reported `Degraded` with a `Drifted` condition naming
+what is missing, so `status` never claims health the kernel does not show.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from reconciler.cli.runtime import Runtime
+from reconciler.engine.observe import Observation, observe
+from reconciler.kernel.types import CgroupState, IoLimit, owner_tag
+from reconciler.state.conditions import set_condition
+from reconciler.state.model import EnvironmentRecord, NetworkRecord, StateDocument
+
+
+def build_status(runtime: Runtime, state: StateDocument, names: Sequence[str]) -> dict[str, Any]:
+    """The status document for every (or the named) environment."""
+    drivers = runtime.drivers()
+    observed = observe(
+        network=drivers.network,
+        cgroups=drivers.cgroups,
+        holders=drivers.holders,
+        recorded=state,
+        netns_names=[r.netns for r in state.environments.values()],
+        boot_id=state.boot_id,
+    )
+    instance = runtime.options.instance
+    selected = [n for n in sorted(state.environments) if not names or n in names]
+    return {
+        "instance": instance,
+        "source": state.source.model_dump(mode="json"),
+        "networks": [
+            _network(instance, name, record, observed)
+            for name, record in sorted(state.networks.items())
+        ],
+        "environments": [
+            _environment(
+                instance, name, state.environments[name], observed, drivers.cgroups.driver, state
+            )
+            for name in selected
+        ],
+    }
+
+
+def _network(
+    instance: str, name: str, record: NetworkRecord, observed: Observation
+) -> dict[str, Any]:
+    link = observed.network.host_links.get(record.bridge)
+    phase = record.phase
+    if phase == "Ready" and (
+        link is None
+        or not link.up
+        or link.alias != owner_tag(instance=instance, kind="network", name=name)
+    ):
+        phase = "Degraded"
+    return {
+        "name": name,
+        "bridge": record.bridge,
+        "subnet": record.subnet,
+        "gateway": record.gateway,
+        "phase": phase,
+        "isolation": record.spec.get("isolation", "strict"),
+    }
+
+
+def _environment(
+    instance: str,
+    name: str,
+    record: EnvironmentRecord,
+    observed: Observation,
+    cgroup_driver: str,
+    state: StateDocument,
+) -> dict[str, Any]:
+    cgroup = observed.cgroups.get(name)
+    drift = _drift(instance, name, record, observed, cgroup)
+    phase = record.phase
+    conditions = list(record.conditions)
+    if drift and phase == "Ready":
+        phase = "Degraded"
+        conditions = set_condition(
+            conditions, type="Ready", status="False", reason="Drifted", message="; ".join(drift)
+        )
+    network = state.networks.get(record.network) if record.network else None
+    interfaces = []
+    if record.host_veth:
+        interfaces.append(
+            {
+                "host": record.host_veth,
+                "peer": "eth0",
+                "address": record.address,
+                "bridge": network.bridge if network else None,
+            }
+        )
+    holder = record.holder
+    return {
+        "name": name,
+        "phase": phase,
+        "conditions": [c.model_dump(mode="json", by_alias=True) for c in conditions],
+        "labels": record.labels,
+        "hostname": record.spec.get("hostname", name),
+        "netns": record.netns,
+        "netnsPath": f"/run/netns/{record.netns}",
+        "interfaces": interfaces,
+        "cgroup": {
+            "driver": cgroup_driver,
+            "paths": list(cgroup.paths if cgroup else record.cgroup_paths),
+            "limits": _limits(cgroup),
+            "usage": {
+                "memoryBytes": cgroup.usage.memory_bytes if cgroup else 0,
+                "pids": cgroup.usage.pids if cgroup else 0,
+            },
+        },
+        "holder": {"pid": holder.pid, "running": observed.holders_alive.get(name, False)}
+        if holder
+        else None,
+        "processes": [],
+        "probes": [],
+        "violations": [],
+        "specHash": record.spec_hash,
+        "lastReconciled": record.last_reconciled or None,
+        "lastError": record.last_error,
+        "drift": drift,
+    }
+
+
+def _limits(cgroup: CgroupState | None) -> dict[str, Any]:
+    if cgroup is None:
+        return {"memoryBytes": None, "cpuMillis": None, "pids": None, "io": []}
+    limits = cgroup.limits
+    return {
+        "memoryBytes": limits.memory_bytes,
+        "cpuMillis": limits.cpu_millis,
+        "pids": limits.pids,
+        "io": [_io(entry) for entry in limits.io],
+    }
+
+
+def _io(entry: IoLimit) -> dict[str, Any]:
+    values = {
+        "readBps": entry.read_bps,
+        "writeBps": entry.write_bps,
+        "readIops": entry.read_iops,
+        "writeIops": entry.write_iops,
+    }
+    return {"device": entry.device, **{k: v for k, v in values.items() if v is not None}}
+
+
+def _drift(
+    instance: str,
+    name: str,
+    record: EnvironmentRecord,
+    observed: Observation,
+    cgroup: CgroupState | None,
+) -> list[str]:
+    problems = []
+    netns = observed.network.netns.get(record.netns)
+    if netns is None:
+        problems.append(f"netns {record.netns} is missing")
+    elif record.netns_inode is not None and netns.inode != record.netns_inode:
+        problems.append(f"netns {record.netns} was replaced")
+    if record.host_veth:
+        link = observed.network.host_links.get(record.host_veth)
+        if link is None:
+            problems.append(f"host veth {record.host_veth} is missing")
+        elif not link.up:
+            problems.append(f"host veth {record.host_veth} is down")
+        elif link.alias != owner_tag(instance=instance, kind="env", name=name):
+            problems.append(f"host veth {record.host_veth} lost its ownership tag")
+    if cgroup is None:
+        problems.append("cgroup is missing")
+    if record.holder is not None and not observed.holders_alive.get(name, False):
+        problems.append("holder process is not running")
+    return problems

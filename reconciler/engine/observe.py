@@ -1,0 +1,54 @@
+"""One observation pass over the kernel: links, namespaces, cgroups and holders.
+
+The engine observes once per reconcile and plans against that snapshot; drivers do their
+own read-before-write while applying, so a stale snapshot can cost a retry, never a wrong
+delete.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from reconciler.kernel.types import (
+    CgroupDriver,
+    CgroupState,
+    HolderDriver,
+    NetworkDriver,
+    NetworkObservation,
+    ProcessRef,
+)
+from reconciler.state.model import StateDocument
+
+
+@dataclass(frozen=True)
+class Observation:
+    """What the kernel shows, for everything recorded or desired."""
+
+    network: NetworkObservation
+    cgroups: Mapping[str, CgroupState]
+    holders_alive: Mapping[str, bool] = field(default_factory=dict)  # env -> recorded holder alive
+    same_boot: bool = True
+
+
+def observe(
+    *,
+    network: NetworkDriver,
+    cgroups: CgroupDriver,
+    holders: HolderDriver,
+    recorded: StateDocument,
+    netns_names: list[str],
+    boot_id: str,
+) -> Observation:
+    """Observe every object that the plan needs, in one pass."""
+    alive: dict[str, bool] = {}
+    for name, record in recorded.environments.items():
+        if record.holder is not None:
+            ref = ProcessRef(pid=record.holder.pid, start_time=record.holder.start_time)
+            alive[name] = holders.alive(ref)
+    return Observation(
+        network=network.observe(netns_names=sorted(set(netns_names))),
+        cgroups=cgroups.observe(),
+        holders_alive=alive,
+        same_boot=not recorded.boot_id or recorded.boot_id == boot_id,
+    )

@@ -1,0 +1,301 @@
+"""Load manifests from files, keeping the `file:line` of every key for error messages.
+
+YAML is composed into nodes (which carry their position) and converted to plain data by
+hand, recording the line of each key under its path (`("spec", "resources", "memory")`).
+A pydantic error's `loc` is then mapped back to the nearest recorded line, so every error
+reads `manifests/web.yaml:12: Environment/web: spec.resources.memory: ...`.
+
+A file that fails does not stop the others: the result lists the valid manifests, the
+errors, and what each failed file declared as far as it could be read, so that the
+engine never prunes what a broken file used to declare.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import ValidationError
+
+from reconciler.manifests.models import API_VERSION, KINDS, Manifest
+
+SUFFIXES = (".yaml", ".yml", ".json")
+MAX_FILE_BYTES = 4 * 1024 * 1024
+MAX_NODES = 100_000
+FieldPath = tuple[str | int, ...]
+
+
+@dataclass(frozen=True)
+class Located:
+    """A valid manifest and where it was declared."""
+
+    manifest: Manifest
+    file: str
+    line: int
+    lines: Mapping[FieldPath, int] = field(default_factory=dict, compare=False, repr=False)
+
+    @property
+    def key(self) -> tuple[str, str]:
+        """(kind, name)."""
+        return self.manifest.kind, self.manifest.metadata.name
+
+    def line_of(self, path: FieldPath) -> int:
+        """The line of the deepest recorded prefix of `path`."""
+        return line_for(self.lines, path, default=self.line)
+
+    def where(self, path: FieldPath = ()) -> str:
+        """`file:line` for a field path."""
+        return f"{self.file}:{self.line_of(path)}"
+
+
+@dataclass
+class LoadResult:
+    """What a set of files declared: valid manifests, errors, and what failed files held."""
+
+    manifests: list[Located] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+    files: list[str] = field(default_factory=list)
+    failed_files: set[str] = field(default_factory=set)
+    failed_keys: set[tuple[str, str]] = field(default_factory=set)
+
+    @property
+    def ok(self) -> bool:
+        """True when every file parsed and validated."""
+        return not self.errors
+
+    def error(self, file: str, line: int, message: str, *, key: tuple[str, str] | None) -> None:
+        """Record an error; the file (and the key, when known) become protected from pruning."""
+        self.errors.append(f"{file}:{line}: {message}")
+        self.failed_files.add(file)
+        if key is not None:
+            self.failed_keys.add(key)
+
+
+def line_for(lines: Mapping[FieldPath, int], path: FieldPath, *, default: int) -> int:
+    """The line of the longest prefix of `path` present in `lines`."""
+    for end in range(len(path), 0, -1):
+        found = lines.get(path[:end])
+        if found is not None:
+            return found
+    return default
+
+
+def discover(root: Path) -> list[Path]:
+    """Every manifest file under `root`, recursively, sorted; hidden and backup files skipped."""
+    found: list[Path] = []
+    for directory, subdirs, files in os.walk(root, followlinks=False):
+        subdirs[:] = sorted(d for d in subdirs if not d.startswith("."))
+        for name in sorted(files):
+            if _ignored(name):
+                continue
+            if name.endswith(SUFFIXES):
+                found.append(Path(directory) / name)
+    return found
+
+
+def _ignored(name: str) -> bool:
+    return name.startswith((".", "#")) or name.endswith(("~", ".swp", ".swx", ".tmp"))
+
+
+def load_paths(paths: Sequence[Path], *, relative_to: Path | None = None) -> LoadResult:
+    """Load files and directories (recursively); each file on its own, errors collected."""
+    result = LoadResult()
+    for path in paths:
+        if path.is_dir():
+            files = discover(path)
+            base = relative_to or path
+        else:
+            files = [path]
+            base = relative_to or path.parent
+        for file in files:
+            load_file(file, display=_display(file, base), into=result)
+    return result
+
+
+def _display(file: Path, base: Path) -> str:
+    try:
+        return str(file.relative_to(base))
+    except ValueError:
+        return str(file)
+
+
+def load_file(path: Path, *, display: str, into: LoadResult) -> None:
+    """Parse and validate one file, adding its manifests or errors to `into`."""
+    into.files.append(display)
+    try:
+        if path.stat().st_size > MAX_FILE_BYTES:
+            into.error(display, 1, f"file is larger than {MAX_FILE_BYTES} bytes", key=None)
+            return
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        into.error(display, 1, f"cannot read file: {_reason(exc)}", key=None)
+        return
+    load_text(text, display=display, into=into)
+
+
+def _reason(exc: BaseException) -> str:
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror.lower()
+    return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+
+
+def load_text(text: str, *, display: str, into: LoadResult) -> None:
+    """Parse YAML/JSON text holding one or more documents."""
+    try:
+        nodes = list(yaml.compose_all(text, Loader=yaml.SafeLoader))
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
+        line = mark.line + 1 if mark is not None else 1
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        into.error(display, line, f"invalid YAML: {problem}", key=None)
+        return
+    except (ValueError, RecursionError) as exc:  # e.g. a NUL byte, absurd nesting
+        into.error(display, 1, f"invalid YAML: {_reason(exc)}", key=None)
+        return
+    for node in nodes:
+        if node is None:
+            continue  # an empty document between '---' separators
+        _load_document(node, display=display, into=into)
+
+
+def _load_document(node: yaml.Node, *, display: str, into: LoadResult) -> None:
+    line = node.start_mark.line + 1
+    lines: dict[FieldPath, int] = {}
+    try:
+        data = _to_python(node, (), lines)
+    except _ConvertError as exc:
+        into.error(display, exc.line, exc.message, key=None)
+        return
+    if not isinstance(data, dict):
+        into.error(
+            display,
+            line,
+            "a manifest must be a mapping with apiVersion, kind, metadata, spec",
+            key=None,
+        )
+        return
+    key = _guess_key(data)
+    label = f"{key[0]}/{key[1]}: " if key else ""
+    api_version = data.get("apiVersion")
+    if api_version != API_VERSION:
+        where = line_for(lines, ("apiVersion",), default=line)
+        into.error(
+            display,
+            where,
+            f"{label}apiVersion must be {API_VERSION!r}, got {api_version!r}",
+            key=key,
+        )
+        return
+    kind = data.get("kind")
+    model = KINDS.get(kind) if isinstance(kind, str) else None
+    if model is None:
+        where = line_for(lines, ("kind",), default=line)
+        known = ", ".join(sorted(KINDS))
+        into.error(display, where, f"unknown kind {kind!r} (known: {known})", key=None)
+        return
+    try:
+        manifest = model.model_validate(data)
+    except ValidationError as exc:
+        for error in exc.errors():
+            loc = tuple(error["loc"])
+            into.error(
+                display,
+                line_for(lines, loc, default=line),
+                f"{label}{format_loc(loc)}: {_message(error)}",
+                key=key,
+            )
+        return
+    into.manifests.append(Located(manifest=manifest, file=display, line=line, lines=lines))
+
+
+def _guess_key(data: Mapping[str, Any]) -> tuple[str, str] | None:
+    kind, metadata = data.get("kind"), data.get("metadata")
+    name = metadata.get("name") if isinstance(metadata, dict) else None
+    if isinstance(kind, str) and isinstance(name, str):
+        return kind, name
+    return None
+
+
+def format_loc(loc: Iterable[str | int]) -> str:
+    """('spec', 'processes', 0, 'name') -> 'spec.processes[0].name'."""
+    text = ""
+    for part in loc:
+        if isinstance(part, int):
+            text += f"[{part}]"
+        else:
+            text += f".{part}" if text else part
+    return text or "(document)"
+
+
+def _message(error: Mapping[str, Any]) -> str:
+    kind = error.get("type", "")
+    if kind == "extra_forbidden":
+        return "unknown field (check the spelling; see `reconciler schema`)"
+    if kind == "missing":
+        return "required field is missing"
+    message = str(error.get("msg", "invalid value"))
+    # pydantic prefixes our own ValueErrors with "Value error, ".
+    for prefix in ("Value error, ", "Assertion failed, "):
+        if message.startswith(prefix):
+            message = message[len(prefix) :]
+    if kind.startswith("literal_error"):
+        message = f"{message}, got {error.get('input')!r}"
+    return message
+
+
+class _ConvertError(Exception):
+    def __init__(self, line: int, message: str) -> None:
+        super().__init__(message)
+        self.line = line
+        self.message = message
+
+
+_SCALARS = yaml.SafeLoader("")
+
+
+def _to_python(node: yaml.Node, path: FieldPath, lines: dict[FieldPath, int]) -> Any:
+    """Convert a composed node to plain data, recording the line of every key and item."""
+    if len(lines) > MAX_NODES:
+        # Aliases make a small text expand exponentially ("billion laughs"): stop early.
+        raise _ConvertError(node.start_mark.line + 1, f"document has more than {MAX_NODES} values")
+    if isinstance(node, yaml.MappingNode):
+        result: dict[str, Any] = {}
+        for key_node, value_node in node.value:
+            if not isinstance(key_node, yaml.ScalarNode):
+                raise _ConvertError(
+                    key_node.start_mark.line + 1, "mapping keys must be plain strings"
+                )
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                raise _ConvertError(
+                    key_node.start_mark.line + 1, "YAML merge keys (<<) are not supported"
+                )
+            key = str(_SCALARS.construct_scalar(key_node))
+            if key in result:
+                raise _ConvertError(key_node.start_mark.line + 1, f"duplicate key {key!r}")
+            lines[(*path, key)] = key_node.start_mark.line + 1
+            result[key] = _to_python(value_node, (*path, key), lines)
+        return result
+    if isinstance(node, yaml.SequenceNode):
+        items = []
+        for index, item in enumerate(node.value):
+            lines[(*path, index)] = item.start_mark.line + 1
+            items.append(_to_python(item, (*path, index), lines))
+        return items
+    try:
+        return _SCALARS.construct_object(node, deep=True)
+    except yaml.YAMLError as exc:
+        raise _ConvertError(node.start_mark.line + 1, f"invalid value: {exc}") from None
+    finally:
+        _SCALARS.constructed_objects.clear()
+
+
+def iter_manifests(result: LoadResult, kind: str) -> Iterator[Located]:
+    """The valid manifests of one kind, in load order."""
+    return (m for m in result.manifests if m.manifest.kind == kind)
+
+
+DeviceResolver = Callable[[str], str]

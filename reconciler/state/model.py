@@ -1,0 +1,125 @@
+"""The state file: what this instance owns, what it allocated, and what it last saw.
+
+Persisted as JSON at `<state-dir>/<instance>/state.json` (mode 0600), written atomically
+by `reconciler.state.store`. Fields, top level:
+
+- `version`: schema version of this file (`STATE_VERSION`); a newer one is refused.
+- `lineage`: a UUID chosen when the file is first written; never changes afterwards.
+  A file with another lineage is another instance's history, not ours.
+- `serial`: incremented on every write, so a reader can tell which copy is newer.
+- `instance`: the `--instance` this file belongs to.
+- `bootId`: `/proc/sys/kernel/random/boot_id` at the last write. A different boot id on
+  load means every runtime object (netns pins, links, processes) is gone; allocations
+  (addresses) are kept so environments come back with the same address.
+- `source`: where the desired state came from (`kind`, `path`, `revision`).
+- `networks`: by name, one `NetworkRecord` per network we created: the spec last applied,
+  the bridge name, phase and conditions.
+- `environments`: by name, one `EnvironmentRecord` per environment we created: the spec
+  last applied (with its hash), the names of every kernel object (netns, host veth,
+  cgroup paths), the holder process (pid + start time), phase and conditions. This is the
+  inventory: pruning deletes recorded - desired, never names re-derived from YAML.
+- `allocations`: network name → environment name → address. Outlives the environment
+  record while the network exists, so a recreated environment gets its old address back.
+- `history`: the last `HISTORY_LIMIT` writes: serial, time, and a one-line summary.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+STATE_VERSION = 1
+HISTORY_LIMIT = 50
+
+Phase = Literal["Pending", "Ready", "Degraded", "Failed", "Terminating"]
+
+
+class _Record(BaseModel):
+    model_config = ConfigDict(populate_by_name=True, extra="ignore")
+
+
+class Condition(_Record):
+    """A Kubernetes-style condition; `lastTransitionTime` changes only when `status` flips."""
+
+    type: str
+    status: Literal["True", "False", "Unknown"]
+    reason: str = ""
+    message: str = ""
+    last_transition_time: str = Field(default="", alias="lastTransitionTime")
+
+
+class ProcessRecord(_Record):
+    """A process we started, identified by pid plus start time (clock ticks since boot)."""
+
+    pid: int
+    start_time: int = Field(alias="startTime")
+
+
+class NetworkRecord(_Record):
+    """A network we own: its last-applied spec and its bridge."""
+
+    spec: dict[str, Any]
+    spec_hash: str = Field(alias="specHash")
+    file: str | None = None  # manifest file it was declared in (protects it if that file breaks)
+    bridge: str
+    subnet: str
+    gateway: str
+    phase: Phase = "Pending"
+    conditions: list[Condition] = Field(default_factory=list)
+    last_reconciled: str = Field(default="", alias="lastReconciled")
+
+
+class EnvironmentRecord(_Record):
+    """An environment we own: its last-applied spec and every kernel object it is made of."""
+
+    spec: dict[str, Any]
+    spec_hash: str = Field(alias="specHash")
+    file: str | None = None  # manifest file it was declared in (protects it if that file breaks)
+    labels: dict[str, str] = Field(default_factory=dict)
+    netns: str
+    host_veth: str | None = Field(default=None, alias="hostVeth")
+    network: str | None = None
+    address: str | None = None  # "a.b.c.d/len" on eth0
+    cgroup_paths: list[str] = Field(default_factory=list, alias="cgroupPaths")
+    holder: ProcessRecord | None = None
+    netns_inode: int | None = Field(default=None, alias="netnsInode")
+    phase: Phase = "Pending"
+    conditions: list[Condition] = Field(default_factory=list)
+    last_reconciled: str = Field(default="", alias="lastReconciled")
+    last_error: str | None = Field(default=None, alias="lastError")
+
+
+class SourceRecord(_Record):
+    """Where the desired state came from."""
+
+    kind: Literal["directory", "git"] = "directory"
+    path: str = ""
+    revision: str | None = None
+
+
+class HistoryEntry(_Record):
+    """One write of the state file."""
+
+    serial: int
+    time: str
+    summary: str
+
+
+class StateDocument(_Record):
+    """The whole state file (see the module docstring for every field)."""
+
+    version: int = STATE_VERSION
+    lineage: str = ""
+    serial: int = 0
+    instance: str = ""
+    boot_id: str = Field(default="", alias="bootId")
+    source: SourceRecord = Field(default_factory=SourceRecord)
+    networks: dict[str, NetworkRecord] = Field(default_factory=dict)
+    environments: dict[str, EnvironmentRecord] = Field(default_factory=dict)
+    allocations: dict[str, dict[str, str]] = Field(default_factory=dict)
+    history: list[HistoryEntry] = Field(default_factory=list)
+
+    def to_json(self) -> str:
+        """Serialise with the camelCase aliases, stable key order."""
+        return self.model_dump_json(by_alias=True, indent=1)
