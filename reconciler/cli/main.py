@@ -21,6 +21,7 @@ import click
 import yaml
 
 from reconciler.cli.render import plan_text, status_tables
+from reconciler.cli.run_command import run
 from reconciler.cli.runtime import Options, Runtime, configure_logging
 from reconciler.engine.apply import apply_plan
 from reconciler.engine.desired import Desired
@@ -382,6 +383,9 @@ def _print_event(event: dict[str, Any], output: str) -> None:
         f"{event.get('time')}  {event.get('type'):<7}  {event.get('reason'):<15}  "
         f"{event.get('kind')}/{event.get('name')}: {event.get('message')}"
     )
+
+
+cli.add_command(run)
 
 
 def main() -> None:

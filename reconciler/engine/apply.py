@@ -237,6 +237,10 @@ class Applier:
             namespaces=want.namespaces,
             cgroup_procs=self.drivers.cgroups.procs_files(env=want.name),
         )
+        found = holders.find(spec) if record.holder is None else None
+        if found is not None:
+            record.holder = ProcessRecord(pid=found.pid, start_time=found.start_time)
+            return [f"holder adopted (pid {found.pid})"]
         ref = holders.spawn(spec)
         record.holder = ProcessRecord(pid=ref.pid, start_time=ref.start_time)
         return [f"holder started (pid {ref.pid})"]

@@ -42,13 +42,15 @@ def observe(
 ) -> Observation:
     """Observe every object that the plan needs, in one pass."""
     alive: dict[str, bool] = {}
+    same_boot = not recorded.boot_id or recorded.boot_id == boot_id
     for name, record in recorded.environments.items():
-        if record.holder is not None:
+        # After a reboot a recorded (pid, start time) can match an unrelated process.
+        if record.holder is not None and same_boot:
             ref = ProcessRef(pid=record.holder.pid, start_time=record.holder.start_time)
             alive[name] = holders.alive(ref)
     return Observation(
         network=network.observe(netns_names=sorted(set(netns_names))),
         cgroups=cgroups.observe(),
         holders_alive=alive,
-        same_boot=not recorded.boot_id or recorded.boot_id == boot_id,
+        same_boot=same_boot,
     )

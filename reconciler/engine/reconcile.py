@@ -131,7 +131,9 @@ def reconcile(
     source: SourceRecord,
 ) -> ReconcileResult:
     """Plan and apply; returns the new state (the caller saves it if it changed)."""
-    plan, _ = plan_for(instance=instance, drivers=drivers, desired=desired, state=state)
+    plan, observed = plan_for(instance=instance, drivers=drivers, desired=desired, state=state)
+    if not observed.same_boot:
+        state = forget_runtime_objects(state)
     if not plan.has_changes and state.source == source:
         return ReconcileResult(plan=plan, outcomes=[], state=state)
     new_state, outcomes = apply_plan(
@@ -139,6 +141,15 @@ def reconcile(
     )
     new_state.source = source
     return ReconcileResult(plan=plan, outcomes=outcomes, state=new_state)
+
+
+def forget_runtime_objects(state: StateDocument) -> StateDocument:
+    """After a reboot: processes and namespace identities are gone; allocations stay."""
+    copy = state.model_copy(deep=True)
+    for record in copy.environments.values():
+        record.holder = None
+        record.netns_inode = None
+    return copy
 
 
 Addresses = Mapping[str, str]

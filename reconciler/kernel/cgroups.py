@@ -89,6 +89,17 @@ def _refused(write: _Write, exc: OSError, env: str) -> KernelError:
     )
 
 
+def _mkdir(path: str, changes: list[str]) -> None:
+    """Create a cgroup directory (and its parents) unless it exists; note it in `changes`."""
+    if os.path.isdir(path):
+        return
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as exc:
+        raise KernelError(f"cannot create cgroup {path}: {exc.strerror}") from exc
+    changes.append(f"created {path}")
+
+
 def _sleep(delay: float) -> float:
     time.sleep(delay)
     return min(delay * 2, _POLL_MAX)
@@ -105,7 +116,7 @@ class _CgroupDriverBase:
 
     @property
     def driver(self) -> Literal["v1", "v2"]:
-        """ "v1" (also on a hybrid host) or "v2"."""
+        """The cgroup version: "v1" (also on a hybrid host) or "v2"."""
         return self.layout.driver
 
     def parents(self) -> tuple[str, ...]:
@@ -156,6 +167,7 @@ class _CgroupDriverBase:
         Every differing limit is attempted; if the kernel refused some, the first refusal
         is raised (as KernelError) after the others were written.
         """
+        _check_name(env, what="environment")
         changes = self._create(env)
         failure: KernelError | None = None
         for write in self._diff(env, limits):
@@ -172,6 +184,7 @@ class _CgroupDriverBase:
 
     def kill(self, *, env: str) -> None:
         """Kill every process in the env's cgroup (cgroup.kill where available)."""
+        _check_name(env, what="environment")
         unified = self._unified_dir(env)
         if unified is not None:
             kill_file = os.path.join(unified, "cgroup.kill")
@@ -344,11 +357,9 @@ class CgroupV1Driver(_CgroupDriverBase):
         return os.path.join(self.layout.unified, self.instance, env)
 
     def _create(self, env: str) -> list[str]:
-        changes = []
+        changes: list[str] = []
         for path in self.paths(env=env):
-            if not os.path.isdir(path):
-                os.makedirs(path, exist_ok=True)
-                changes.append(f"created {path}")
+            _mkdir(path, changes)
         return changes
 
     def _file(self, env: str, controller: str, name: str) -> str | None:
@@ -516,14 +527,9 @@ class CgroupV2Driver(_CgroupDriverBase):
     def _create(self, env: str) -> list[str]:
         parent = self.parents()[0]
         changes = _enable_controllers(self._root)
-        if not os.path.isdir(parent):
-            os.makedirs(parent, exist_ok=True)
-            changes.append(f"created {parent}")
+        _mkdir(parent, changes)
         changes += _enable_controllers(parent)
-        path = os.path.join(parent, env)
-        if not os.path.isdir(path):
-            os.makedirs(path, exist_ok=True)
-            changes.append(f"created {path}")
+        _mkdir(os.path.join(parent, env), changes)
         return changes
 
     def _diff(self, env: str, limits: CgroupLimits) -> list[_Write]:

@@ -377,6 +377,28 @@ class ForkingHolderDriver:
         finally:
             os.close(pidfd)
 
+    def find(self, spec: HolderSpec) -> ProcessRef | None:
+        """The live holder of `spec`'s environment, when the inventory lost track of it.
+
+        Proof of identity: it is a member of the env's cgroup (ours by construction), runs
+        catatonit, and sits in the env's pinned netns (device and inode of the pin).
+        """
+        try:
+            pin = os.stat(spec.netns_path)
+        except FileNotFoundError:
+            return None
+        for procs in spec.cgroup_procs:
+            try:
+                with open(procs, encoding="ascii") as handle:
+                    pids = [int(line) for line in handle if line.strip()]
+            except (FileNotFoundError, ValueError):
+                continue
+            for pid in pids:
+                ref = _holder_candidate(pid, catatonit=self.catatonit, pin=pin)
+                if ref is not None:
+                    return ref
+        return None
+
     def holder_namespaces(self, ref: ProcessRef) -> dict[str, tuple[int, int]]:
         """Namespace name → (dev, inode) of the holder's /proc/PID/ns/* links.
 
@@ -397,6 +419,23 @@ class ForkingHolderDriver:
 
 
 # --------------------------------------------------------------------------- helpers
+
+
+def _holder_candidate(pid: int, *, catatonit: str, pin: os.stat_result) -> ProcessRef | None:
+    start_time = process_start_time(pid)
+    if start_time is None:
+        return None
+    try:
+        exe = os.readlink(f"/proc/{pid}/exe")
+        net = os.stat(f"/proc/{pid}/ns/net")
+    except OSError:
+        return None
+    if os.path.realpath(exe) != os.path.realpath(catatonit):
+        return None
+    if (net.st_dev, net.st_ino) != (pin.st_dev, pin.st_ino):
+        return None
+    # Re-check: the pid must not have been reused while we looked.
+    return ProcessRef(pid=pid, start_time=start_time) if process_alive(pid, start_time) else None
 
 
 def _close_all(fds: Sequence[int]) -> None:

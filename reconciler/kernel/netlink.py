@@ -23,7 +23,8 @@ setns'ed thread lists the host's links when called from elsewhere. Therefore:
   (`netns.open_socket` / `netns.create_pin`; the socket stays bound to that namespace
   forever) and handed to pyroute2 as `IPRoute(fileno=...)`;
 - every pyroute2 handle is created, used and closed on one private worker thread
-  (`_worker`), whatever thread calls the driver; public methods hop onto it.
+  (a single-thread executor), whatever thread calls the driver; public methods hop onto
+  it. The handles share that thread's asyncio loop, so each costs one fd.
 
 One socket per pinned namespace is cached for the driver's lifetime. A cached socket
 keeps its namespace alive, so it is dropped when the pin disappears or its inode changes
@@ -37,7 +38,10 @@ level-triggered pass sees it).
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import errno
+import functools
 import ipaddress
 import os
 import socket
@@ -52,7 +56,7 @@ from typing import Any, Literal, ParamSpec, TypeVar
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkDumpInterrupted, NetlinkError
 
-from reconciler.errors import KernelError, OwnershipError
+from reconciler.errors import KernelError, OwnershipError, ReconcilerError
 from reconciler.kernel import naming, netns
 from reconciler.kernel.types import LinkState, NetnsState, NetworkObservation, parse_owner_tag
 
@@ -65,6 +69,7 @@ _IFF_UP = 0x1
 _RT_TABLE_MAIN = 254
 _RTN_UNICAST = 1
 _DUMP_ATTEMPTS = 5
+_CREATE_ATTEMPTS = 3  # inspect/create rounds before giving up on a link that keeps changing
 _GONE = (errno.ENODEV, errno.ENOENT)
 PEER_NAME = "eth0"  # the env end of the veth, inside the env's netns
 
@@ -165,10 +170,11 @@ class NetlinkDriver:
     """`types.NetworkDriver` on rtnetlink, with one long-lived socket per namespace."""
 
     def __init__(self) -> None:
-        # The host socket is opened here, in the constructing thread's network namespace:
-        # that namespace is "the host" for this driver, whatever thread runs the worker.
-        self._host_fd: int | None = netns.host_socket()
-        self._host: Any = None  # IPRoute, created on the worker from _host_fd
+        # "The host" for this driver is the constructing thread's network namespace,
+        # whatever thread runs the worker: keep a handle on it to (re)open host sockets.
+        self._home_fd: int | None = netns.current_netns_fd()
+        self._host: Any = None  # IPRoute in the home namespace, created on the worker
+        self._loop: asyncio.AbstractEventLoop | None = None  # worker's, shared by handles
         self._netns: dict[str, _NetnsHandle] = {}
         self._opens: Counter[str] = Counter()
         self._worker_ident: int | None = None
@@ -190,23 +196,56 @@ class NetlinkDriver:
             return fn(*args, **kwargs)
         if self._closed:
             raise KernelError("the network driver is closed; create a new one")
-        return self._executor.submit(fn, *args, **kwargs).result()
+        return self._executor.submit(self._guarded, functools.partial(fn, *args, **kwargs)).result()
+
+    def _guarded(self, fn: Callable[[], T]) -> T:
+        """Run `fn`; after a failure below netlink (socket, asyncio), reopen every socket.
+
+        A kernel answer (NetlinkError) or a refusal of ours leaves the sockets healthy.
+        Anything else may have broken a handle for good, and a long-running controller
+        must not keep failing on it: drop them all, the next call reopens what it needs.
+        """
+        try:
+            return fn()
+        except ReconcilerError as exc:
+            cause = exc.__cause__
+            if cause is not None and not isinstance(cause, NetlinkError):
+                self._reset()
+            raise
+        except Exception:
+            self._reset()
+            raise
 
     # ---- handles (worker thread only)
 
     def _host_ipr(self) -> Any:
         if self._host is None:
-            if self._host_fd is None:
+            if self._home_fd is None:
                 raise KernelError("the network driver is closed; create a new one")
-            fd, self._host_fd = self._host_fd, None
+            with _kernel_errors("opening a netlink socket in the host network namespace"):
+                fd = netns.socket_in(self._home_fd)
             self._host = self._wrap(fd)
         return self._host
 
-    @staticmethod
-    def _wrap(fd: int) -> Any:
-        """An IPRoute on socket `fd` (consumed). groups=0: we never want broadcasts queued."""
+    def _reset(self) -> None:
+        for name in list(self._netns):
+            self._drop(name)
+        if self._host is not None:
+            host, self._host = self._host, None
+            with contextlib.suppress(Exception):
+                host.close()
+
+    def _wrap(self, fd: int) -> Any:
+        """An IPRoute on socket `fd` (consumed), running on the worker's shared event loop.
+
+        Sharing the loop matters: a handle with its own loop costs 4 fds (socket, epoll,
+        self-pipe pair) instead of 1, and we keep one handle per env namespace.
+        groups=0: we never want broadcasts queued on these sockets.
+        """
+        if self._loop is None:
+            self._loop = asyncio.new_event_loop()
         try:
-            return IPRoute(fileno=fd, groups=0)
+            return IPRoute(fileno=fd, groups=0, use_event_loop=self._loop)
         except BaseException:
             os.close(fd)
             raise
@@ -214,7 +253,10 @@ class NetlinkDriver:
     def _drop(self, name: str) -> None:
         handle = self._netns.pop(name, None)
         if handle is not None:
-            handle.ipr.close()
+            # pyroute2's close() may trip over a handle that is already broken; the fd is
+            # closed either way.
+            with contextlib.suppress(Exception):
+                handle.ipr.close()
 
     def _handle(self, name: str) -> _NetnsHandle | None:
         """The cached handle for the namespace pinned as `name`; opened if needed."""
@@ -349,7 +391,9 @@ class NetlinkDriver:
 
         # Remove first: deleting a primary address also deletes its secondaries, so the
         # wanted one must be (re-)added after, not before, the others go.
-        for extra in [a for a in current() if a != want]:
+        present = current()
+        extras = [a for a in present if a != want]
+        for extra in extras:
             address, prefixlen = extra.split("/")
             try:
                 ipr.addr("del", index=index, address=address, prefixlen=int(prefixlen))
@@ -359,7 +403,9 @@ class NetlinkDriver:
                         f"removing {extra} from {label} failed: {os.strerror(exc.code)}"
                     ) from exc
             changes.append(f"{label}: removed address {extra}")
-        if want not in current():
+        if extras:
+            present = current()
+        if want not in present:
             address, prefixlen = want.split("/")
             with _kernel_errors(f"adding {want} to {label}"):
                 ipr.addr("add", index=index, address=address, prefixlen=int(prefixlen))
@@ -368,6 +414,7 @@ class NetlinkDriver:
 
     def _default_route(self, ipr: Any, *, oif: int, gateway: str, label: str) -> list[str]:
         """Make the main table's default route go via `gateway` on link `oif`, only."""
+        gateway = str(ipaddress.IPv4Address(gateway))
         changes: list[str] = []
         defaults = _default_routes(self._routes(ipr, label))
         keep = [r for r in defaults if r.get("RTA_GATEWAY") == gateway and r.get("RTA_OIF") == oif]
@@ -420,11 +467,12 @@ class NetlinkDriver:
         host = self._host_ipr()
         label = f"bridge {name}"
         changes: list[str] = []
-        link = self._get(host, name)
-        for _ in range(2):  # a second pass only if someone created `name` under our feet
+        # Inspect, (re)create, inspect again: every pass re-checks ownership, so a link
+        # that appears under our feet (EEXIST) is judged like any other.
+        for _ in range(_CREATE_ATTEMPTS):
+            link = self._get(host, name)
             if link is not None:
-                owner = _ownership(link, alias=alias)
-                if owner == "foreign":
+                if _ownership(link, alias=alias) == "foreign":
                     raise OwnershipError(
                         f"bridge {name} exists and is not owned by instance "
                         f"{_instance_of(alias)} (ifalias {link.get('IFLA_IFALIAS')!r}, "
@@ -433,7 +481,7 @@ class NetlinkDriver:
                 kind = link.get(("linkinfo", "kind"))
                 if kind == "bridge":
                     break
-                # Tagged as ours but not a bridge: only we could have made it; replace it.
+                # Ours by tag or MAC but not a bridge: only we could have made it; replace.
                 self._delete(host, link["index"], f"link {name}")
                 changes.append(f"{label}: deleted our {kind or 'plain'} link of that name")
             try:
@@ -442,8 +490,7 @@ class NetlinkDriver:
             except NetlinkError as exc:
                 if exc.code != errno.EEXIST:
                     raise KernelError(f"creating {label} failed: {os.strerror(exc.code)}") from exc
-            link = self._get(host, name)
-        if link is None or link.get(("linkinfo", "kind")) != "bridge":
+        else:
             raise KernelError(f"creating {label} failed: it keeps changing under us; retry")
         changes += self._set_alias(host, link, alias, label)
         changes += self._set_up(host, link, label)
@@ -490,9 +537,8 @@ class NetlinkDriver:
         peer_index = link.get("IFLA_LINK")
         if peer_nsid is None or peer_index is None:
             return False
-        with self._pin_fd(name, handle) as pin_fd, _kernel_errors(f"reading nsid of {name}"):
-            nsid = (self._host_ipr().get_netnsid(fd=pin_fd) or {}).get("nsid")
-        if nsid is None or nsid < 0 or nsid != peer_nsid:
+        nsid = self._nsid(name, handle)
+        if nsid is None or nsid != peer_nsid:
             return False
         peer = self._get(handle.ipr, PEER_NAME)
         return peer is not None and peer["index"] == peer_index
@@ -517,30 +563,36 @@ class NetlinkDriver:
                 f"bridge {bridge} does not exist; cannot attach {label} (ensure the network first)"
             )
         changes: list[str] = []
-        link = self._get(host, host_name)
-        if link is not None:
-            if _ownership(link, alias=alias) == "foreign":
-                raise OwnershipError(
-                    f"link {host_name} exists and is not owned by instance "
-                    f"{_instance_of(alias)} (ifalias {link.get('IFLA_IFALIAS')!r}, "
-                    f"expected {alias!r}); delete it by hand if it is stale"
-                )
-            if link.get(("linkinfo", "kind")) != "veth" or not self._peer_in(
-                link, netns_name, handle
-            ):
-                # Ours (by tag), but its peer is not our eth0: typically the namespace
-                # was recreated. Replace the pair.
+        # Inspect, (re)create, inspect again, as for bridges: ownership is re-checked on
+        # every pass, and a fresh pair must pass the same peer check as an old one.
+        for _ in range(_CREATE_ATTEMPTS):
+            link = self._get(host, host_name)
+            if link is not None:
+                if _ownership(link, alias=alias) == "foreign":
+                    raise OwnershipError(
+                        f"link {host_name} exists and is not owned by instance "
+                        f"{_instance_of(alias)} (ifalias {link.get('IFLA_IFALIAS')!r}, "
+                        f"expected {alias!r}); delete it by hand if it is stale"
+                    )
+                if link.get(("linkinfo", "kind")) == "veth" and self._peer_in(
+                    link, netns_name, handle
+                ):
+                    break
+                # Ours, but its peer is not our eth0: typically the namespace was
+                # recreated. Replace the pair.
                 self._delete(host, link["index"], label)
                 changes.append(f"{label}: deleted (its peer was not {inside})")
-                link = None
-        if link is None:
             changes += self._create_veth(
-                handle, netns_name=netns_name, host_name=host_name, alias=alias,
-                bridge_index=bridge_link["index"], label=label, inside=inside,
-            )  # fmt: skip
-            link = self._get(host, host_name)
-            if link is None:
-                raise KernelError(f"creating {label} failed: it vanished right after; retry")
+                handle,
+                netns_name=netns_name,
+                host_name=host_name,
+                alias=alias,
+                bridge_index=bridge_link["index"],
+                label=label,
+                inside=inside,
+            )
+        else:
+            raise KernelError(f"creating {label} failed: it keeps changing under us; retry")
         changes += self._set_alias(host, link, alias, label)
         if link.get("IFLA_MASTER") != bridge_link["index"]:
             with _kernel_errors(f"enslaving {label} to bridge {bridge}"):
@@ -574,13 +626,7 @@ class NetlinkDriver:
         inside: str,
     ) -> list[str]:
         """One RTM_NEWLINK: host end enslaved to the bridge, peer born as eth0 in the netns."""
-        changes: list[str] = []
-        stray = self._get(handle.ipr, PEER_NAME)
-        if stray is not None:
-            # An eth0 that is not the peer of our (absent) host end, inside our own
-            # namespace: it would make the creation fail with EEXIST. Remove it.
-            self._delete(handle.ipr, stray["index"], f"stray {inside}")
-            changes.append(f"network namespace {netns_name}: deleted a stray {PEER_NAME}")
+        changes = self._clear_stray_peer(handle, netns_name=netns_name, alias=alias)
         with self._pin_fd(netns_name, handle) as pin_fd:
             try:
                 self._host_ipr().link(
@@ -597,15 +643,65 @@ class NetlinkDriver:
                     raise KernelError(f"creating {label} failed: {os.strerror(exc.code)}") from exc
         return changes
 
+    def _nsid(self, name: str, handle: _NetnsHandle) -> int | None:
+        """The id the host gave namespace `name` (None: none assigned, so no peer there)."""
+        with self._pin_fd(name, handle) as pin_fd, _kernel_errors(f"reading nsid of {name}"):
+            nsid = (self._host_ipr().get_netnsid(fd=pin_fd) or {}).get("nsid")
+        # NETNSA_NSID_NOT_ASSIGNED is -1, which may come back as a u32.
+        return nsid if isinstance(nsid, int) and 0 <= nsid < 0x7FFFFFFF else None
+
+    def _clear_stray_peer(self, handle: _NetnsHandle, *, netns_name: str, alias: str) -> list[str]:
+        """Remove an `eth0` that is in our namespace while our host end is absent.
+
+        It would make the veth creation fail with EEXIST. Whatever lives only inside our
+        namespace is ours to delete; a veth whose other end is outside is deleted only if
+        that end carries our tag (our host end, renamed), else it is someone else's.
+        """
+        stray = self._get(handle.ipr, PEER_NAME)
+        if stray is None:
+            return []
+        where = f"network namespace {netns_name}"
+        outside = stray.get(("linkinfo", "kind")) == "veth" and (
+            stray.get("IFLA_LINK_NETNSID") is not None
+        )
+        if not outside:
+            self._delete(handle.ipr, stray["index"], f"stray {PEER_NAME} in {where}")
+            return [f"{where}: deleted a stray {PEER_NAME}"]
+        nsid = self._nsid(netns_name, handle)
+        host_end = None
+        if nsid is not None:
+            links = self._dump("dumping host links", lambda: self._host_ipr().link("dump"))
+            host_end = next(
+                (
+                    link
+                    for link in links
+                    if link.get("IFLA_LINK_NETNSID") == nsid
+                    and link.get("IFLA_LINK") == stray["index"]
+                ),
+                None,
+            )
+        if host_end is None or _ownership(host_end, alias=alias) == "foreign":
+            other = (
+                f"host link {host_end.get('IFLA_IFNAME')} "
+                f"(ifalias {host_end.get('IFLA_IFALIAS')!r})"
+                if host_end is not None
+                else "a link in another namespace"
+            )
+            raise OwnershipError(
+                f"{PEER_NAME} in {where} is the peer of {other}, which is not owned by "
+                f"instance {_instance_of(alias)}; delete it by hand"
+            )
+        self._delete(self._host_ipr(), host_end["index"], f"veth {host_end.get('IFLA_IFNAME')}")
+        return [f"{where}: deleted our renamed veth {host_end.get('IFLA_IFNAME')}"]
+
     def _close(self) -> None:
-        for name in list(self._netns):
-            self._drop(name)
-        if self._host is not None:
-            self._host.close()
-            self._host = None
-        if self._host_fd is not None:
-            os.close(self._host_fd)
-            self._host_fd = None
+        self._reset()
+        if self._home_fd is not None:
+            os.close(self._home_fd)
+            self._home_fd = None
+        if self._loop is not None:
+            self._loop.close()
+            self._loop = None
 
     # ---- public API (any thread)
 

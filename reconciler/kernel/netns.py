@@ -94,36 +94,40 @@ def _return_home(home_fd: int) -> None:
     os.close(home_fd)
 
 
-def open_socket(name: str) -> NetnsSocket | None:
-    """Open a NETLINK_ROUTE socket inside the namespace pinned as `name`; None if unpinned."""
-    path = pin_path(name)
+def socket_in(ns_fd: int) -> int:
+    """A NETLINK_ROUTE socket fd inside the network namespace open at `ns_fd`."""
 
-    def inside() -> NetnsSocket | None:
+    def inside() -> int:
+        home_fd = os.open(_THREAD_NETNS, os.O_RDONLY | os.O_CLOEXEC)
         try:
-            pin_fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-        except FileNotFoundError:
-            return None
-        try:
-            if not _is_netns_fd(pin_fd):
-                return None
-            st = os.fstat(pin_fd)
-            home_fd = os.open(_THREAD_NETNS, os.O_RDONLY | os.O_CLOEXEC)
-            try:
-                # setns through the same fd we fstat'ed: the identity cannot race.
-                nsutil.setns(pin_fd, nsutil.CLONE_NEWNET)
-                fd = _netlink_socket_fd()
-            finally:
-                _return_home(home_fd)
-            return NetnsSocket(fd=fd, identity=PinIdentity(inode=st.st_ino, dev=st.st_dev))
+            nsutil.setns(ns_fd, nsutil.CLONE_NEWNET)
+            return _netlink_socket_fd()
         finally:
-            os.close(pin_fd)
+            _return_home(home_fd)
 
     return nsutil.run_in_thread(inside, name="reconciler-netns-open")
 
 
-def host_socket() -> int:
-    """A NETLINK_ROUTE socket fd in the calling thread's network namespace."""
-    return _netlink_socket_fd()
+def current_netns_fd() -> int:
+    """An fd on the calling thread's network namespace (close it when done)."""
+    return os.open(_THREAD_NETNS, os.O_RDONLY | os.O_CLOEXEC)
+
+
+def open_socket(name: str) -> NetnsSocket | None:
+    """Open a NETLINK_ROUTE socket inside the namespace pinned as `name`; None if unpinned."""
+    try:
+        pin_fd = os.open(pin_path(name), os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return None
+    try:
+        if not _is_netns_fd(pin_fd):
+            return None
+        st = os.fstat(pin_fd)
+        # setns through the same fd we fstat'ed: the identity cannot race.
+        fd = socket_in(pin_fd)
+        return NetnsSocket(fd=fd, identity=PinIdentity(inode=st.st_ino, dev=st.st_dev))
+    finally:
+        os.close(pin_fd)
 
 
 def ensure_run_dir() -> None:

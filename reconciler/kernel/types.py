@@ -238,6 +238,10 @@ class HolderDriver(Protocol):
         """Start the holder (detached: not our child) and return its identity."""
         ...
 
+    def find(self, spec: HolderSpec) -> ProcessRef | None:
+        """The live holder of the env (in its cgroup and netns) when no record names it."""
+        ...
+
     def alive(self, ref: ProcessRef) -> bool:
         """True if `ref.pid` is running and still has `ref.start_time`."""
         ...

@@ -10,7 +10,7 @@ injected resolver, so this module stays pure.
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 from reconciler.manifests.loader import LoadResult, Located
 from reconciler.manifests.models import Environment, Network, host_address_problem
@@ -28,8 +28,10 @@ def crosscheck(result: LoadResult, *, resolve_device: DeviceResolver | None = No
         blamed[id(item)] = item
 
     _unique_names(result, blame)
-    networks = _check_networks(result, blame)
-    _check_environments(result, networks, blame, resolve_device)
+    # Only the blamed duplicate is skipped, by identity: the first declaration of a name
+    # stays valid, so it must be checked like any other (a skip by key would skip it too).
+    networks = _check_networks(result, blame, blamed)
+    _check_environments(result, networks, blame, resolve_device, blamed)
     result.manifests = [m for m in result.manifests if id(m) not in blamed]
     return result
 
@@ -49,15 +51,15 @@ def _unique_names(result: LoadResult, blame: Blame) -> None:
             )
 
 
-def _check_networks(result: LoadResult, blame: Blame) -> dict[str, Located]:
+def _check_networks(
+    result: LoadResult, blame: Blame, blamed: Mapping[int, Located]
+) -> dict[str, Located]:
     networks: dict[str, Located] = {}
     bridges: dict[str, Located] = {}
     for item in result.manifests:
         manifest = item.manifest
-        if not isinstance(manifest, Network) or item.key in result.failed_keys:
+        if not isinstance(manifest, Network) or id(item) in blamed:
             continue
-        if networks.get(manifest.metadata.name) is not None:
-            continue  # duplicate, already blamed
         spec = manifest.spec
         bridge = manifest.bridge_name
         clash = bridges.get(bridge)
@@ -98,13 +100,14 @@ def _check_environments(
     networks: dict[str, Located],
     blame: Blame,
     resolve_device: DeviceResolver | None,
+    blamed: Mapping[int, Located],
 ) -> None:
     addresses: dict[tuple[str, ipaddress.IPv4Address], Located] = {}
     env_names = {m.key[1] for m in result.manifests if m.key[0] == "Environment"}
     env_names |= {name for kind, name in result.failed_keys if kind == "Environment"}
     for item in result.manifests:
         env = item.manifest
-        if not isinstance(env, Environment) or item.key in result.failed_keys:
+        if not isinstance(env, Environment) or id(item) in blamed:
             continue
         problem = _environment_problem(env, item, networks, addresses, env_names, resolve_device)
         if problem is not None:

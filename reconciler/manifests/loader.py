@@ -23,9 +23,11 @@ from pydantic import ValidationError
 
 from reconciler.manifests.models import API_VERSION, KINDS, Manifest
 
+_NULL_TAG = "tag:yaml.org,2002:null"
 SUFFIXES = (".yaml", ".yml", ".json")
 MAX_FILE_BYTES = 4 * 1024 * 1024
 MAX_NODES = 100_000
+MAX_DEPTH = 64  # far deeper than any manifest; a self-referencing alias would be infinite
 FieldPath = tuple[str | int, ...]
 
 
@@ -157,8 +159,8 @@ def load_text(text: str, *, display: str, into: LoadResult) -> None:
         into.error(display, 1, f"invalid YAML: {_reason(exc)}", key=None)
         return
     for node in nodes:
-        if node is None:
-            continue  # an empty document between '---' separators
+        if node is None or (isinstance(node, yaml.ScalarNode) and node.tag == _NULL_TAG):
+            continue  # an empty document: between '---' separators, or after a final '---'
         _load_document(node, display=display, into=into)
 
 
@@ -179,7 +181,7 @@ def _load_document(node: yaml.Node, *, display: str, into: LoadResult) -> None:
         )
         return
     key = _guess_key(data)
-    label = f"{key[0]}/{key[1]}: " if key else ""
+    label = f"{key[0]}/{_printable(key[1])}: " if key else ""
     api_version = data.get("apiVersion")
     if api_version != API_VERSION:
         where = line_for(lines, ("apiVersion",), default=line)
@@ -220,12 +222,19 @@ def _guess_key(data: Mapping[str, Any]) -> tuple[str, str] | None:
     return None
 
 
+def _printable(text: str) -> str:
+    # An invalid name may hold a newline (`name: |`); the error must stay on one line.
+    return text if text.isprintable() else repr(text)
+
+
 def format_loc(loc: Iterable[str | int]) -> str:
     """('spec', 'processes', 0, 'name') -> 'spec.processes[0].name'."""
     text = ""
     for part in loc:
         if isinstance(part, int):
             text += f"[{part}]"
+        elif not part.isprintable() or not part:  # a key such as "\n": keep one line
+            text += f"[{part!r}]"
         else:
             text += f".{part}" if text else part
     return text or "(document)"
@@ -262,6 +271,12 @@ def _to_python(node: yaml.Node, path: FieldPath, lines: dict[FieldPath, int]) ->
     if len(lines) > MAX_NODES:
         # Aliases make a small text expand exponentially ("billion laughs"): stop early.
         raise _ConvertError(node.start_mark.line + 1, f"document has more than {MAX_NODES} values")
+    if len(path) > MAX_DEPTH:
+        # `a: &a [*a]` is a node that contains itself: without a limit, a RecursionError.
+        raise _ConvertError(
+            node.start_mark.line + 1,
+            f"document is nested more than {MAX_DEPTH} levels deep (a recursive alias?)",
+        )
     if isinstance(node, yaml.MappingNode):
         result: dict[str, Any] = {}
         for key_node, value_node in node.value:
@@ -288,7 +303,16 @@ def _to_python(node: yaml.Node, path: FieldPath, lines: dict[FieldPath, int]) ->
     try:
         return _SCALARS.construct_object(node, deep=True)
     except yaml.YAMLError as exc:
-        raise _ConvertError(node.start_mark.line + 1, f"invalid value: {exc}") from None
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise _ConvertError(node.start_mark.line + 1, f"invalid value: {problem}") from None
+    except Exception as exc:
+        # PyYAML's scalar constructors raise plain errors on explicitly tagged nonsense
+        # (`!!int x`, `!!bool x`, `2020-13-45`): still the user's text, not our bug.
+        text, tag = str(node.value)[:40], node.tag.replace("tag:yaml.org,2002:", "!!")
+        reason = (str(exc).splitlines() or [type(exc).__name__])[0]
+        raise _ConvertError(
+            node.start_mark.line + 1, f"invalid value {text!r} for {tag}: {reason}"
+        ) from None
     finally:
         _SCALARS.constructed_objects.clear()
 

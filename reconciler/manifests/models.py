@@ -23,6 +23,7 @@ from pydantic import (
     ConfigDict,
     Field,
     PlainSerializer,
+    ValidationInfo,
     WithJsonSchema,
     field_validator,
     model_validator,
@@ -32,6 +33,7 @@ from reconciler.manifests.quantities import parse_bytes, parse_cpu_millis
 
 API_VERSION = "reconciler/v1"
 ALL_NAMESPACES: tuple[str, ...] = ("net", "uts", "ipc", "mnt", "pid")
+# Used with fullmatch(): `$` alone also matches before a trailing newline ("web\n").
 DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 HOSTNAME = re.compile(
     r"^[A-Za-z0-9]([-A-Za-z0-9]*[A-Za-z0-9])?(\.[A-Za-z0-9]([-A-Za-z0-9]*[A-Za-z0-9])?)*$"
@@ -44,7 +46,7 @@ MIN_PREFIX, MAX_PREFIX = 16, 30
 def _dns_label(value: str) -> str:
     if len(value) > 63:
         raise ValueError(f"{value!r} is longer than 63 characters")
-    if not DNS_LABEL.match(value):
+    if not DNS_LABEL.fullmatch(value):
         raise ValueError(
             f"{value!r} is not a DNS-1123 label "
             "(lowercase letters, digits and '-', starting and ending with a letter or digit)"
@@ -111,7 +113,9 @@ IPv4Net = Annotated[
     PlainSerializer(str, return_type=str),
     WithJsonSchema({"type": "string", "description": "IPv4 CIDR, e.g. 10.213.0.0/24"}),
 ]
-Port = Annotated[int, Field(ge=1, le=65535)]
+# strict: YAML's `yes`/`true` must not turn into 1, and a quoted "80" is a typo worth a line.
+Port = Annotated[int, Field(strict=True, ge=1, le=65535)]
+Count = Annotated[int, Field(strict=True, ge=1)]
 AbsPath = Annotated[str, Field(pattern=r"^/", description="absolute path")]
 
 
@@ -151,19 +155,24 @@ class NetworkSpec(_Strict):
     @field_validator("bridge")
     @classmethod
     def _bridge_name(cls, bridge: str | None) -> str | None:
-        if bridge is not None and not IFNAME.match(bridge):
+        if bridge is not None and not IFNAME.fullmatch(bridge):
             raise ValueError(
                 f"{bridge!r} is not a valid interface name (1..15 of letters, digits, '_.-')"
             )
         return bridge
 
-    @model_validator(mode="after")
-    def _gateway_in_subnet(self) -> NetworkSpec:
-        if self.gateway is not None:
-            problem = host_address_problem(self.gateway, self.subnet)
+    @field_validator("gateway")
+    @classmethod
+    def _gateway_in_subnet(
+        cls, gateway: ipaddress.IPv4Address | None, info: ValidationInfo
+    ) -> ipaddress.IPv4Address | None:
+        # A field validator (not a model one), so the error carries the gateway's line.
+        subnet = info.data.get("subnet")  # absent when the subnet itself is invalid
+        if gateway is not None and subnet is not None:
+            problem = host_address_problem(gateway, subnet)
             if problem:
-                raise ValueError(f"gateway {self.gateway} {problem}")
-        return self
+                raise ValueError(f"gateway {gateway} {problem}")
+        return gateway
 
     def effective_gateway(self) -> ipaddress.IPv4Address:
         """The gateway address: declared, or the first host of the subnet."""
@@ -221,8 +230,8 @@ class IoDevice(_Strict):
     device: AbsPath
     read_bps: Bytes | None = Field(default=None, alias="readBps")
     write_bps: Bytes | None = Field(default=None, alias="writeBps")
-    read_iops: Annotated[int, Field(ge=1)] | None = Field(default=None, alias="readIops")
-    write_iops: Annotated[int, Field(ge=1)] | None = Field(default=None, alias="writeIops")
+    read_iops: Count | None = Field(default=None, alias="readIops")
+    write_iops: Count | None = Field(default=None, alias="writeIops")
 
     @model_validator(mode="after")
     def _some_limit(self) -> IoDevice:
@@ -236,7 +245,7 @@ class Resources(_Strict):
 
     memory: Bytes | None = None
     cpu: CpuMillis | None = None
-    pids: Annotated[int, Field(ge=1)] | None = None
+    pids: Count | None = None
     io: list[IoDevice] = Field(default_factory=list)
 
     @field_validator("io")
@@ -270,6 +279,16 @@ class Mount(_Strict):
         return self
 
 
+def _user(value: object) -> object:
+    # One clear error instead of one per union member. Booleans first: `user: yes` is a
+    # YAML boolean, and as an int it would silently become uid 1.
+    if isinstance(value, bool):
+        raise ValueError(f"expected a user name or uid, got {str(value).lower()} (quote a name)")
+    if (isinstance(value, int) and value >= 0) or (isinstance(value, str) and value):
+        return value
+    raise ValueError(f"expected a user name or a uid >= 0, got {value!r}")
+
+
 class Process(_Strict):
     """`spec.processes[]`: a workload started inside the environment."""
 
@@ -277,7 +296,10 @@ class Process(_Strict):
     command: Annotated[list[str], Field(min_length=1)]
     env: dict[str, str] = Field(default_factory=dict)
     working_dir: AbsPath = Field(default="/", alias="workingDir")
-    user: Annotated[str, Field(min_length=1)] | Annotated[int, Field(ge=0)] = "root"
+    user: Annotated[
+        Annotated[str, Field(min_length=1)] | Annotated[int, Field(strict=True, ge=0)],
+        BeforeValidator(_user),
+    ] = "root"
     restart_policy: Literal["Always", "OnFailure", "Never"] = Field(
         default="Always", alias="restartPolicy"
     )
@@ -286,7 +308,7 @@ class Process(_Strict):
     @classmethod
     def _env_names(cls, env: dict[str, str]) -> dict[str, str]:
         for key in env:
-            if not ENV_VAR.match(key):
+            if not ENV_VAR.fullmatch(key):
                 raise ValueError(f"{key!r} is not a valid environment variable name")
         return env
 
@@ -387,32 +409,58 @@ class EnvironmentSpec(_Strict):
     @field_validator("hostname")
     @classmethod
     def _hostname(cls, hostname: str | None) -> str | None:
-        if hostname is not None and (len(hostname) > 64 or not HOSTNAME.match(hostname)):
+        if hostname is not None and (len(hostname) > 64 or not HOSTNAME.fullmatch(hostname)):
             raise ValueError(f"{hostname!r} is not a valid hostname (RFC 1123, at most 64 chars)")
         return hostname
 
     @field_validator("namespaces")
     @classmethod
-    def _unique_namespaces(cls, namespaces: list[str]) -> list[str]:
+    def _unique_namespaces(cls, namespaces: list[NamespaceName]) -> list[NamespaceName]:
         if len(set(namespaces)) != len(namespaces):
             raise ValueError("a namespace is listed twice")
-        return namespaces
+        # Canonical order: the list is a set, and reordering it must not read as a change.
+        return [n for n in _all_namespaces() if n in namespaces]
 
-    @model_validator(mode="after")
-    def _consistent(self) -> EnvironmentSpec:
-        if self.network is not None and "net" not in self.namespaces:
+    # Rules between fields are field validators that look back at the fields validated
+    # before them (info.data, in declaration order), so that each error carries the line
+    # of the field that breaks it rather than the line of `spec:`.
+
+    @field_validator("network")
+    @classmethod
+    def _network_needs_net(
+        cls, network: NetworkAttachment | None, info: ValidationInfo
+    ) -> NetworkAttachment | None:
+        if network is not None and "net" not in info.data.get("namespaces", ["net"]):
             raise ValueError("namespaces must include net when network is set")
-        if self.mounts and "mnt" not in self.namespaces:
+        return network
+
+    @field_validator("mounts")
+    @classmethod
+    def _mounts_need_mnt(cls, mounts: list[Mount], info: ValidationInfo) -> list[Mount]:
+        if mounts and "mnt" not in info.data.get("namespaces", ["mnt"]):
             raise ValueError("namespaces must include mnt when mounts are set")
-        _unique("process", [p.name for p in self.processes])
-        _unique("probe", [p.name for p in self.probes])
-        _unique("mount target", [m.target for m in self.mounts])
-        names = {p.name for p in self.processes}
-        for probe in self.probes:
+        _unique("mount target", [m.target for m in mounts])
+        return mounts
+
+    @field_validator("processes")
+    @classmethod
+    def _unique_processes(cls, processes: list[Process]) -> list[Process]:
+        _unique("process", [p.name for p in processes])
+        return processes
+
+    @field_validator("probes")
+    @classmethod
+    def _probe_targets(cls, probes: list[Probe], info: ValidationInfo) -> list[Probe]:
+        _unique("probe", [p.name for p in probes])
+        processes = info.data.get("processes")
+        if processes is None:  # the processes failed validation; that error is enough
+            return probes
+        names = {p.name for p in processes}
+        for probe in probes:
             for target in probe.restart:
                 if target not in names:
                     raise ValueError(f"probe {probe.name!r} restarts unknown process {target!r}")
-        return self
+        return probes
 
 
 def _unique(what: str, values: list[str]) -> None:
@@ -445,5 +493,15 @@ KINDS: dict[str, type[Network] | type[Environment]] = {
 
 
 def spec_dict(manifest: Manifest) -> dict[str, Any]:
-    """The normalised spec as plain JSON data (what the state file records and plan diffs)."""
-    return manifest.spec.model_dump(mode="json", by_alias=True, exclude_none=True)
+    """The normalised spec as plain JSON data (what the state file records and plan diffs).
+
+    Defaults that derive from other fields are filled in, so that writing a default out
+    explicitly (`hostname: <name>`, the first host as `gateway`) is not a change.
+    """
+    spec = manifest.spec.model_dump(mode="json", by_alias=True, exclude_none=True)
+    if isinstance(manifest, Network):
+        spec["gateway"] = str(manifest.spec.effective_gateway())
+        spec["bridge"] = manifest.bridge_name
+    else:
+        spec["hostname"] = manifest.hostname
+    return spec

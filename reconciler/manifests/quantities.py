@@ -99,7 +99,11 @@ def parse_cpu_millis(value: str | int | float) -> int:
         number = parse_quantity(value)
     except QuantityError as exc:
         raise QuantityError(f"invalid cpu quantity: {exc} ({CPU_EXAMPLES})") from None
-    millis = number.scaleb(3)  # exact: only the exponent moves
+    try:
+        with localcontext(_EXACT):
+            millis = number * 1000
+    except Inexact:  # digits far below 1m would have to be rounded away
+        raise QuantityError(f"invalid cpu quantity {value!r}: finer than 1m") from None
     if millis != millis.to_integral_value():
         raise QuantityError(f"invalid cpu quantity {value!r}: finer than 1m")
     if millis < 1:

@@ -24,7 +24,12 @@ from reconciler.kernel.cgroupfs import (
     layout_from_mounts,
     parse_mountinfo,
 )
-from reconciler.kernel.cgroups import CgroupV1Driver, CgroupV2Driver, open_cgroup_driver
+from reconciler.kernel.cgroups import (
+    CgroupV1Driver,
+    CgroupV2Driver,
+    open_cgroup_driver,
+    procs_files,
+)
 from reconciler.kernel.devices import resolve_block_device, whole_disk
 from reconciler.kernel.types import CgroupLimits, IoLimit
 
@@ -352,3 +357,9 @@ def test_v2_enables_missing_controllers_in_the_parent(tmp_path: Path) -> None:
     (tmp_path / "inst" / "cgroup.subtree_control").write_text("cpu\n")
     changes = driver.ensure(env="web", limits=CgroupLimits())
     assert changes == [f"{tmp_path}/inst/cgroup.subtree_control: +memory +pids +io"]
+
+
+def test_module_procs_files_matches_the_driver() -> None:
+    layout = layout_from_mounts(parse_mountinfo(HYBRID), root_magic=TMPFS_MAGIC)
+    driver = open_cgroup_driver(instance="inst", layout=layout)
+    assert procs_files(instance="inst", env="web", layout=layout) == driver.procs_files(env="web")

@@ -1,0 +1,102 @@
+"""`reconciler run`: the long-running controller (contract section 3).
+
+Runs in the foreground until SIGTERM or SIGINT, then exits 0; environments keep running.
+The work itself is `reconciler.controller.loop.Controller`; this module only parses the
+options, refuses the ones a later version adds (git source, metrics), and sets the log
+level: a daemon's log is its record, so `run` logs at info level even without `-v`.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from functools import wraps
+from typing import ParamSpec, TypeVar
+
+import click
+
+from reconciler.cli.runtime import Runtime, configure_logging
+from reconciler.controller.loop import Controller, Settings
+
+P = ParamSpec("P")
+R = TypeVar("R")
+_UNSUPPORTED_EXIT = 2  # a usage error: the option exists in the contract, not yet here
+
+
+def _user_errors(func: Callable[P, R]) -> Callable[P, R]:
+    """main.py's `user_errors`, looked up at call time.
+
+    main.py imports this module to register `run`, so importing main here at import
+    time would be circular; by the time a command runs, main is fully loaded.
+    """
+
+    @wraps(func)
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        from reconciler.cli.main import user_errors
+
+        return user_errors(func)(*args, **kwargs)
+
+    return wrapper
+
+
+@click.command()
+@click.option(
+    "--resync",
+    type=click.FloatRange(min=0, min_open=True),
+    default=30.0,
+    show_default=True,
+    metavar="SECONDS",
+    help="Re-read everything and repair drift this often (+-10% jitter).",
+)
+@click.option(
+    "--recover",
+    is_flag=True,
+    help="If the state file is missing or corrupt, rebuild it from live owned objects.",
+)
+@click.option("--git-url", metavar="URL", help="Sync manifests from this git repository.")
+@click.option("--git-ref", metavar="REF", help="Branch, tag or commit of --git-url.")
+@click.option("--git-path", metavar="DIR", help="Manifests directory inside the repository.")
+@click.option(
+    "--git-interval",
+    type=click.FloatRange(min=0, min_open=True),
+    metavar="SECONDS",
+    help="Poll the repository this often.",
+)
+@click.option("--metrics-addr", metavar="HOST:PORT", help="Serve Prometheus metrics here.")
+@click.pass_obj
+@_user_errors
+def run(
+    runtime: Runtime,
+    resync: float,
+    recover: bool,
+    git_url: str | None,
+    git_ref: str | None,
+    git_path: str | None,
+    git_interval: float | None,
+    metrics_addr: str | None,
+) -> None:
+    """The controller: watch the manifests, resync, repair drift, until SIGTERM/SIGINT."""
+    given = {
+        "--git-url": git_url,
+        "--git-ref": git_ref,
+        "--git-path": git_path,
+        "--git-interval": git_interval,
+        "--metrics-addr": metrics_addr,
+    }
+    unsupported = [name for name, value in given.items() if value is not None]
+    if unsupported:
+        click.echo(
+            f"error: {', '.join(unsupported)}: not supported yet by `reconciler run`; "
+            "run it without them (it watches --manifests DIR)",
+            err=True,
+        )
+        sys.exit(_UNSUPPORTED_EXIT)
+    options = runtime.options
+    configure_logging(log_format=options.log_format, verbose=True)
+    settings = Settings(
+        instance=options.instance,
+        manifests=options.manifests.absolute(),
+        resync=resync,
+        recover=recover,
+    )
+    Controller(runtime, settings).run()

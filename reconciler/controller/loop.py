@@ -1,0 +1,472 @@
+"""The controller behind `reconciler run`: triggers -> work queue -> reconcile -> state file.
+
+Threads, and the one thing each does:
+
+- **watchdog** (`watcher`): a relevant file event records its path in the debouncer and
+  wakes the ticker. Nothing else.
+- **ticker**: when the debouncer's quiet period is over, or the resync timer (every
+  `resync` seconds, +-10% jitter so that many controllers never beat in step) fires, it
+  enqueues a key. Nothing else.
+- **worker**: takes keys off the queue and reconciles, one at a time. Only this thread
+  touches the kernel drivers and the state document.
+- **main**: owns the signals. SIGTERM/SIGINT stop the queue; the worker finishes the
+  reconcile in flight and the controller exits 0, leaving every environment running.
+  SIGHUP asks for a resync now.
+
+Keys. The queue is keyed (`Environment/<name>`, `Network/<name>` are the intended
+granularity), but today every key is served by one `reconcile()` of the whole instance
+(`ALL`): it converges the whole desired set with one observation pass, which is cheaper
+than one pass per object and makes "re-read everything" literally true. The engine
+isolates failures per object, so one failing environment never blocks the others; a
+reconcile with any failure is retried with per-key exponential backoff (1s doubling to
+60s), while a file event or the resync still runs it at once.
+
+The instance lock is held for the controller's whole life: a second `run`, or an `apply`
+meanwhile, is refused with the holder's pid. The state document is loaded once, then
+carried from save to save (the store refuses a document that was not the last one
+written). At startup a missing or corrupt state file is refused when this instance owns
+live objects, because an empty inventory would forget them; `--recover` starts from an
+empty document instead and lets the engine adopt what is live (addresses from eth0,
+netns pins, holders found in the env's cgroup), then reports what it adopted.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+import re
+import signal
+import threading
+import time
+import traceback
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import FrameType
+from typing import Protocol
+
+import structlog
+
+from reconciler.controller.debounce import Debouncer
+from reconciler.controller.queue import Backoff, Clock, WorkQueue
+from reconciler.controller.watcher import ManifestWatcher
+from reconciler.engine.apply import Drivers
+from reconciler.engine.desired import Desired
+from reconciler.engine.orphans import NETNS_DIR, owned_objects
+from reconciler.engine.reconcile import ReconcileResult, reconcile
+from reconciler.errors import ReconcilerError, StateError
+from reconciler.manifests.loader import LoadResult
+from reconciler.state.events import EventLog
+from reconciler.state.lock import InstanceLock
+from reconciler.state.model import SourceRecord, StateDocument
+from reconciler.state.store import StateCorruptError, StateStore
+
+log = structlog.get_logger("reconciler.controller")
+
+ALL = "all"
+"""The key that reconciles the whole instance (file events, resync, startup)."""
+
+_ERROR_LINE = re.compile(r"^(?P<where>.+?:\d+): (?P<kind>[A-Z][A-Za-z]*)/(?P<name>[a-z0-9-]+): ")
+
+
+class ControllerRuntime(Protocol):
+    """What the controller needs from the command line's `Runtime` (kept a Protocol so
+    that the controller layer does not import the cli layer above it)."""
+
+    @property
+    def store(self) -> StateStore: ...
+
+    @property
+    def events(self) -> EventLog: ...
+
+    def drivers(self) -> Drivers: ...
+
+    def load_manifests(self, paths: list[Path] | None = None) -> LoadResult: ...
+
+    def desired(self, result: LoadResult) -> Desired: ...
+
+    def source(self) -> SourceRecord: ...
+
+
+@dataclass(frozen=True)
+class Settings:
+    """How the controller paces itself."""
+
+    instance: str
+    manifests: Path
+    resync: float = 30.0  # seconds between full resyncs (before jitter)
+    jitter: float = 0.1  # resync is spread over +-10%
+    debounce: float = 0.2  # quiet period after the last file event
+    debounce_max: float = 2.0  # a continuous stream of events still flushes this often
+    backoff: Backoff = field(default_factory=lambda: Backoff(base=1.0, max_delay=60.0))
+    recover: bool = False
+    stop_timeout: float = 120.0  # how long a stop waits for the reconcile in flight
+    idle_wake: float = 5.0  # the worker's longest wait: re-checks shutdown at least this often
+
+
+class Controller:
+    """`reconciler run`: call `run()` from the main thread; it returns after a signal."""
+
+    def __init__(
+        self,
+        runtime: ControllerRuntime,
+        settings: Settings,
+        *,
+        clock: Clock = time.monotonic,
+        rng: random.Random | None = None,
+    ) -> None:
+        self._runtime = runtime
+        self._settings = settings
+        self._clock = clock
+        self._rng = rng or random.Random()
+        self._queue = WorkQueue(clock=clock, backoff=settings.backoff)
+        self._debouncer = Debouncer(
+            delay=settings.debounce, max_wait=settings.debounce_max, clock=clock
+        )
+        self._watcher = ManifestWatcher(root=settings.manifests, on_change=self._on_file_event)
+        self._stopping = threading.Event()
+        self._poke = threading.Event()  # wakes the ticker
+        self._lock: InstanceLock | None = None
+        self._drivers: Drivers | None = None
+        self._state = StateDocument(instance=settings.instance)
+        self._on_disk = False  # the state file exists and holds self._state
+        self._replace_corrupt = False  # --recover over a corrupt file: set it aside once
+        self._adoptable: set[str] | None = None  # --recover: netns pins live at startup
+        self._reported_errors: frozenset[str] = frozenset()
+        self._reported_failure: str | None = None
+        self._changed = False  # the last reconcile planned changes (for the log level)
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def run(self) -> None:
+        """Start, serve until SIGTERM/SIGINT (or `request_stop`), stop cleanly.
+
+        Raises ReconcilerError when it cannot start (locked, state unusable, no
+        manifests directory, not root); the lock is released in every case.
+        """
+        self._start()
+        restore = self._install_signals()
+        worker = threading.Thread(target=self._work_loop, name="reconciler-worker", daemon=True)
+        ticker = threading.Thread(target=self._tick_loop, name="reconciler-ticker", daemon=True)
+        try:
+            self._watcher.start()
+            worker.start()
+            ticker.start()
+            self._queue.add(ALL)  # converge once at startup, whatever the triggers say
+            log.info(
+                "controller.started",
+                instance=self._settings.instance,
+                manifests=str(self._settings.manifests),
+                resync=self._settings.resync,
+                pid=os.getpid(),
+            )
+            self._wait(worker)
+        finally:
+            self.request_stop()
+            if ticker.ident is not None:
+                ticker.join(timeout=2.0)
+            self._watcher.stop(timeout=2.0)
+            restore()
+            self._release()
+        log.info("controller.stopped", instance=self._settings.instance)
+
+    def request_stop(self) -> None:
+        """Ask the controller to stop: no new reconcile starts; the one in flight finishes."""
+        self._stopping.set()
+        self._queue.shutdown()
+        self._poke.set()
+
+    def _wait(self, worker: threading.Thread) -> None:
+        """Block (main thread, signals delivered) until the worker is done after a stop."""
+        while not self._stopping.is_set():
+            worker.join(timeout=1.0)
+            if not worker.is_alive() and not self._stopping.is_set():
+                raise ReconcilerError(
+                    "the controller's worker stopped unexpectedly; see the log above "
+                    "(environments are untouched; restart `reconciler run`)"
+                )
+        worker.join(timeout=self._settings.stop_timeout)
+        if worker.is_alive():
+            # Never wait forever: the state file is written atomically and every driver
+            # is idempotent, so leaving mid-reconcile is as safe as a crash, and the next
+            # start converges.
+            log.error("controller.stop_timeout", seconds=self._settings.stop_timeout)
+
+    def _install_signals(self) -> Callable[[], None]:
+        if threading.current_thread() is not threading.main_thread():
+            return lambda: None  # embedded (tests): the owner calls request_stop()
+        previous = {
+            signum: signal.signal(signum, self._on_signal)
+            for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+        }
+
+        def restore() -> None:
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
+
+        return restore
+
+    def _on_signal(self, signum: int, frame: FrameType | None) -> None:
+        del frame
+        name = signal.Signals(signum).name
+        if signum == signal.SIGHUP:
+            log.info("signal.received", signal=name, action="resync")
+            self._queue.add(ALL)
+            return
+        if self._stopping.is_set():
+            log.warning("signal.received", signal=name, action="already stopping")
+            return
+        log.info("signal.received", signal=name, action="stop after the reconcile in flight")
+        self.request_stop()
+
+    # ------------------------------------------------------------------ startup
+
+    def _start(self) -> None:
+        """Lock, open the drivers, load the state; everything that may refuse to start."""
+        self._lock = self._runtime.store.lock(command="reconciler run")
+        self._lock.acquire()
+        try:
+            self._drivers = self._runtime.drivers()
+            self._load_state()
+            manifests = self._settings.manifests
+            if not manifests.is_dir():
+                raise ReconcilerError(
+                    f"manifests directory {manifests} does not exist; create it or pass "
+                    "--manifests DIR (a missing directory never means 'delete everything')"
+                )
+        except BaseException:
+            self._release()
+            raise
+
+    def _load_state(self) -> None:
+        store, settings = self._runtime.store, self._settings
+        problem: str | None = None
+        try:
+            loaded = store.load()
+        except StateCorruptError as exc:
+            if not settings.recover:
+                raise
+            loaded, problem = None, exc.reason
+            # "missing" (state.json gone, backup present) needs no setting aside.
+            self._replace_corrupt = exc.reason != "missing"
+        # A newer version or another instance's file (StateError) is never recovered over.
+        if loaded is not None:
+            if settings.recover:
+                log.info("recover.skipped", reason="the state file is readable")
+            self._state, self._on_disk = loaded, True
+            return
+        owned = owned_objects(instance=settings.instance, drivers=self._require_drivers())
+        if not settings.recover:
+            if owned:
+                raise StateError(
+                    f"state file {store.path} is missing but {len(owned)} objects owned by "
+                    f"instance {settings.instance!r} exist (e.g. {owned[0]}); start with "
+                    "`reconciler run --recover` to rebuild the inventory from them"
+                )
+            return  # a first start: nothing recorded, nothing owned
+        self._adoptable = _pinned()
+        log.warning(
+            "recover.started",
+            state_file=str(store.path),
+            problem=problem or "missing",
+            owned=len(owned),
+        )
+
+    def _release(self) -> None:
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
+
+    def _require_drivers(self) -> Drivers:
+        if self._drivers is None:
+            raise RuntimeError("controller used before _start()")
+        return self._drivers
+
+    # ------------------------------------------------------------------ triggers
+
+    def _on_file_event(self, path: str) -> None:
+        """Watchdog thread: remember, wake the ticker. Must not block."""
+        self._debouncer.add(path)
+        self._poke.set()
+
+    def _next_resync(self) -> float:
+        spread = self._settings.jitter
+        return self._clock() + self._settings.resync * self._rng.uniform(1 - spread, 1 + spread)
+
+    def _tick_loop(self) -> None:
+        """Ticker thread: debounced file batches and the resync timer become keys."""
+        next_resync = self._next_resync()
+        while not self._stopping.is_set():
+            self._poke.clear()
+            batch = self._debouncer.ready()
+            if batch:
+                self._watcher.ensure_watching()
+                log.info("files.changed", count=len(batch), paths=sorted(batch)[:10])
+                self._queue.add(ALL)
+            if self._clock() >= next_resync:
+                self._watcher.ensure_watching()
+                log.debug("resync.due")
+                self._queue.add(ALL)
+                next_resync = self._next_resync()
+            wake = next_resync
+            pending = self._debouncer.deadline()
+            if pending is not None:
+                wake = min(wake, pending)
+            self._poke.wait(timeout=max(wake - self._clock(), 0.0))
+
+    # ------------------------------------------------------------------ worker
+
+    def _work_loop(self) -> None:
+        """Worker thread: one reconcile at a time until the queue shuts down."""
+        while True:
+            key = self._queue.get(timeout=self._settings.idle_wake)
+            if key is None:
+                if self._queue.shutting_down:
+                    return
+                continue
+            if key == ALL and self._debouncer.pending():
+                # Files are being written right now (a resync or a retry came due in the
+                # middle of a burst): reading them could see a half-written file. The
+                # burst's own batch enqueues ALL once it is over, so skip this turn.
+                log.debug("reconcile.deferred", reason="file events still settling")
+                self._queue.done(key)
+                continue
+            ok = False
+            try:
+                ok = self._reconcile(key)
+            finally:
+                if ok:
+                    self._queue.success(key)
+                else:
+                    delay = self._queue.failure(key)
+                    log.info("reconcile.retry", key=key, seconds=delay)
+                self._queue.done(key)
+
+    def _reconcile(self, key: str) -> bool:
+        """One reconcile of the whole instance, whatever `key` is; True when all converged."""
+        reconcile_id = uuid.uuid4().hex[:8]
+        started = time.monotonic()
+        with structlog.contextvars.bound_contextvars(reconcile_id=reconcile_id, key=key):
+            try:
+                ok = self._reconcile_once()
+            except ReconcilerError as exc:
+                ok = False
+                self._report_failure(exc.message)
+            except Exception as exc:
+                # A bug must not end the controller: report it, back off, retry. Kernel
+                # objects made so far are adopted by the retry (every driver is idempotent).
+                ok = False
+                log.error("reconcile.crashed", error=repr(exc), traceback=traceback.format_exc())
+                self._report_failure(f"internal error: {exc!r} (see the controller's log)")
+            seconds = round(time.monotonic() - started, 3)
+            # A resync that found nothing to do is the common case: keep it out of the
+            # info log, or an idle controller writes a line every 30 seconds forever.
+            level = log.info if self._changed or not ok else log.debug
+            level("reconcile.finished", ok=ok, seconds=seconds)
+        return ok
+
+    def _reconcile_once(self) -> bool:
+        self._changed = False
+        runtime = self._runtime
+        result = runtime.load_manifests()
+        self._report_manifest_errors(result)
+        outcome = reconcile(
+            instance=self._settings.instance,
+            drivers=self._require_drivers(),
+            events=runtime.events,
+            desired=runtime.desired(result),
+            state=self._state,
+            source=runtime.source(),
+        )
+        self._save(outcome)
+        self._reported_failure = None
+        if self._adoptable is not None:
+            self._report_adopted()
+        failed = [f"{o.kind}/{o.name}" for o in outcome.outcomes if not o.ok]
+        failed += [f"Environment/{n}" for n in sorted(outcome.plan.address_failures)]
+        summary = {k: n for k, n in outcome.plan.summary().items() if n}
+        self._changed = bool(summary)
+        if failed:
+            log.warning("reconcile.incomplete", failed=failed, **summary)
+        elif summary:
+            log.info("reconcile.converged", **summary)
+        # Manifest errors are not retried with backoff: only an edit can fix them, and an
+        # edit is a file event.
+        return outcome.ok
+
+    def _save(self, outcome: ReconcileResult) -> None:
+        store = self._runtime.store
+        counts = outcome.plan.summary()
+        summary = ", ".join(f"{n} {k}" for k, n in counts.items() if n) or "no changes"
+        if self._replace_corrupt:
+            self._state = store.save(
+                outcome.state, summary=f"recover: {summary}", replace_corrupt=True
+            )
+            self._replace_corrupt = False
+        else:
+            previous = self._state if self._on_disk else None
+            saved = store.save_if_changed(outcome.state, previous=previous, summary=summary)
+            self._state = saved.document
+        self._on_disk = True
+
+    # ------------------------------------------------------------------ reporting
+
+    def _report_manifest_errors(self, result: LoadResult) -> None:
+        """An `InvalidManifest` event per error line, when the set of errors changes.
+
+        Level-triggered reconciles see the same broken file on every resync; repeating
+        its event every 30 seconds would bury everything else in the events log.
+        """
+        errors = frozenset(result.errors)
+        if errors == self._reported_errors:
+            return
+        for line in sorted(errors - self._reported_errors):
+            match = _ERROR_LINE.match(line)
+            kind, name = (match["kind"], match["name"]) if match else ("Manifest", line)
+            if not match:
+                name = line.split(":", 1)[0]
+            log.warning("manifest.invalid", error=line)
+            self._runtime.events.emit(
+                type="Warning", reason="InvalidManifest", kind=kind, name=name, message=line
+            )
+        if not errors:
+            log.info("manifest.valid")
+        self._reported_errors = errors
+
+    def _report_failure(self, message: str) -> None:
+        """A reconcile that could not run at all (no directory, state unwritable, a bug)."""
+        log.warning("reconcile.failed", error=message)
+        if message == self._reported_failure:
+            return  # the same failure on every retry: one event is enough
+        self._reported_failure = message
+        self._runtime.events.emit(
+            type="Warning",
+            reason="ReconcileFailed",
+            kind="Manifests",
+            name=str(self._settings.manifests),
+            message=message,
+        )
+
+    def _report_adopted(self) -> None:
+        """--recover: one `Adopted` event per environment whose live netns was taken over."""
+        pinned, self._adoptable = self._adoptable or set(), None
+        for name, record in sorted(self._state.environments.items()):
+            if record.netns not in pinned:
+                continue
+            holder = f"holder pid {record.holder.pid}" if record.holder else "no holder"
+            message = (
+                f"adopted live environment: netns {record.netns} (inode {record.netns_inode}), "
+                f"address {record.address or 'none'}, {holder}"
+            )
+            log.warning("recover.adopted", env=name, message=message)
+            self._runtime.events.emit(
+                type="Normal", reason="Adopted", kind="Environment", name=name, message=message
+            )
+
+
+def _pinned() -> set[str]:
+    with contextlib.suppress(FileNotFoundError):
+        return set(os.listdir(NETNS_DIR))
+    return set()

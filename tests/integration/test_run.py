@@ -1,0 +1,584 @@
+"""`reconciler run` as a user runs it: a subprocess, a manifests directory, a resync of 1s.
+
+Every check goes through the kernel's own view (`ip -j`, /run/netns, /proc, cgroup
+files) or the `reconciler events -o json` command, never through the controller's
+internals. Each test has its own instance, state dir and subnet; the `controller`
+fixture SIGTERMs every `run` it started and `destroy`s the instance, whatever happened.
+Waits poll with deadlines (`wait_until`); nothing sleeps to synchronise.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests import kernel_view
+from tests.kernel_view import wait_until
+
+RESYNC = 1.0
+# "Within 2 resync intervals" (+10% jitter each), plus the reconcile itself.
+REPAIR_DEADLINE = 2 * RESYNC * 1.1 + 1.5
+READY_DEADLINE = 10.0  # a fresh subprocess: interpreter start, imports, first reconcile
+ENV = "web"
+MEMORY = 64 * 1024 * 1024
+
+
+# --------------------------------------------------------------------------- the harness
+
+
+@dataclass
+class Controller:
+    """One instance's files, and the `reconciler run` processes started for it."""
+
+    instance: str
+    root: Path
+    procs: list[subprocess.Popen[str]] = field(default_factory=list)
+
+    @property
+    def manifests(self) -> Path:
+        return self.root / "manifests"
+
+    @property
+    def state_dir(self) -> Path:
+        return self.root / "state"
+
+    @property
+    def state_file(self) -> Path:
+        return self.state_dir / self.instance / "state.json"
+
+    @property
+    def network(self) -> str:
+        return self.instance  # unique per test, so its bridge (a hash of it) is too
+
+    @property
+    def subnet_prefix(self) -> str:
+        tag = int(self.instance[-4:], 16)
+        return f"10.{200 + tag % 50}.{tag // 256 % 256}"
+
+    @property
+    def netns(self) -> str:
+        return f"{self.instance}-{ENV}"
+
+    def argv(self, *args: str) -> list[str]:
+        return [
+            sys.executable,
+            "-m",
+            "reconciler",
+            "--manifests",
+            str(self.manifests),
+            "--state-dir",
+            str(self.state_dir),
+            "--instance",
+            self.instance,
+            "--log-format",
+            "json",
+            *args,
+        ]
+
+    def cli(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            self.argv(*args), capture_output=True, text=True, timeout=timeout, check=False
+        )
+
+    def start(self, *args: str, wait_ready: bool = True) -> subprocess.Popen[str]:
+        """Start `run --resync 1 ARGS`; by default wait until its first reconcile is saved."""
+        log = open(self.root / f"run-{len(self.procs)}.log", "w")  # noqa: SIM115
+        proc = subprocess.Popen(
+            self.argv("run", "--resync", str(RESYNC), *args),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        log.close()  # the child has its own copy
+        self.procs.append(proc)
+        if wait_ready:
+            wait_until(
+                lambda: self._ready(proc),
+                READY_DEADLINE,
+                message=lambda: f"run did not become ready; log:\n{self.log(proc)}",
+            )
+        return proc
+
+    def _ready(self, proc: subprocess.Popen[str]) -> bool:
+        if proc.poll() is not None:
+            raise AssertionError(f"run exited {proc.returncode}; log:\n{self.log(proc)}")
+        lock = self.state_dir / self.instance / "lock"
+        holder = json.loads(lock.read_text() or "{}") if lock.exists() else {}
+        return holder.get("pid") == proc.pid and self.state_file.exists()
+
+    def log(self, proc: subprocess.Popen[str]) -> str:
+        return (self.root / f"run-{self.procs.index(proc)}.log").read_text()
+
+    def log_events(self, proc: subprocess.Popen[str], name: str) -> list[dict[str, Any]]:
+        """The controller's structlog lines called `name`."""
+        found = []
+        for line in self.log(proc).splitlines():
+            try:
+                entry = json.loads(line)
+            except ValueError:
+                continue
+            if entry.get("event") == name:
+                found.append(entry)
+        return found
+
+    def stop(self, proc: subprocess.Popen[str], *, timeout: float = 30) -> int:
+        """SIGTERM and wait; returns the exit code."""
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+        try:
+            return proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=10)
+            raise AssertionError(
+                f"run ignored SIGTERM for {timeout}s; log:\n{self.log(proc)}"
+            ) from None
+
+    def events(self) -> list[dict[str, Any]]:
+        """`reconciler events -o json`, parsed."""
+        result = self.cli("events", "-o", "json")
+        assert result.returncode == 0, result.stderr
+        return [json.loads(line) for line in result.stdout.splitlines() if line.strip()]
+
+    def state(self) -> dict[str, Any]:
+        data: dict[str, Any] = json.loads(self.state_file.read_text())
+        return data
+
+    def record(self, env: str = ENV) -> dict[str, Any]:
+        record: dict[str, Any] = self.state()["environments"][env]
+        return record
+
+    # -- manifests
+
+    def write_network(self) -> None:
+        self.manifests.mkdir(parents=True, exist_ok=True)
+        (self.manifests / "network.yaml").write_text(
+            "apiVersion: reconciler/v1\nkind: Network\n"
+            f"metadata: {{name: {self.network}}}\n"
+            f"spec: {{subnet: {self.subnet_prefix}.0/24}}\n"
+        )
+
+    def env_yaml(self, *, memory: str = "64Mi", env: str = ENV) -> str:
+        return (
+            "apiVersion: reconciler/v1\nkind: Environment\n"
+            f"metadata: {{name: {env}}}\n"
+            "spec:\n"
+            f"  network: {{name: {self.network}}}\n"
+            f"  resources: {{memory: {memory}, pids: 64}}\n"
+        )
+
+    def write_env(self, *, memory: str = "64Mi", env: str = ENV) -> Path:
+        path = self.manifests / f"{env}.yaml"
+        path.write_text(self.env_yaml(memory=memory, env=env))
+        return path
+
+
+@pytest.fixture
+def controller(sandbox: None, instance: str, tmp_path: Path) -> Iterator[Controller]:
+    harness = Controller(instance=instance, root=tmp_path)
+    harness.manifests.mkdir()
+    yield harness
+    for proc in harness.procs:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(timeout=10)
+    result = harness.cli("destroy")
+    assert result.returncode == 0, f"destroy failed: {result.stdout}{result.stderr}"
+
+
+# --------------------------------------------------------------------------- kernel checks
+
+
+def host_veth(controller: Controller) -> str:
+    name: str = controller.record()["hostVeth"]
+    return name
+
+
+def bridge(controller: Controller) -> str:
+    name: str = controller.state()["networks"][controller.network]["bridge"]
+    return name
+
+
+def memory_file(controller: Controller, env: str = ENV) -> Path:
+    for path in controller.record(env)["cgroupPaths"]:
+        for name in ("memory.limit_in_bytes", "memory.max"):
+            candidate = Path(path) / name
+            if candidate.exists():
+                return candidate
+    raise AssertionError(f"no memory limit file under {controller.record(env)['cgroupPaths']}")
+
+
+def holder_pid(controller: Controller, env: str = ENV) -> int:
+    """The recorded holder, verified to be a catatonit inside the env's cgroup."""
+    pid: int = controller.record(env)["holder"]["pid"]
+    comm = Path(f"/proc/{pid}/comm").read_text().strip()
+    assert comm == "catatonit", f"recorded holder pid {pid} is {comm!r}, not catatonit"
+    lines = kernel_view.proc_cgroups(pid)
+    assert any(f"/{controller.instance}/{env}" in line for line in lines), lines
+    return pid
+
+
+def env_is_live(controller: Controller, env: str = ENV) -> bool:
+    """The env as the kernel shows it: pinned netns, eth0 up with an address in the subnet,
+    host veth up on the bridge, memory limit, and a catatonit holder in the cgroup."""
+    netns = f"{controller.instance}-{env}"
+    if netns not in kernel_view.netns_names():
+        return False
+    eth0 = kernel_view.ip_link("eth0", netns=netns)
+    if eth0 is None or not kernel_view.is_up(eth0):
+        return False
+    addresses = kernel_view.ipv4_addresses(eth0)
+    if not any(a.startswith(controller.subnet_prefix + ".") for a in addresses):
+        return False
+    if not controller.state_file.exists() or env not in controller.state()["environments"]:
+        return False
+    record = controller.record(env)
+    veth = kernel_view.ip_link(record["hostVeth"])
+    if veth is None or not kernel_view.is_up(veth) or veth.get("master") != bridge(controller):
+        return False
+    if int(kernel_view.read_cgroup_file(memory_file(controller, env))) != MEMORY:
+        return False
+    if record.get("holder") is None:
+        return False
+    pid = holder_pid(controller, env)
+    return kernel_view.pid_netns_inode(pid) == kernel_view.netns_inode(netns)
+
+
+def wait_live(controller: Controller, timeout: float, env: str = ENV) -> None:
+    wait_until(
+        lambda: env_is_live(controller, env),
+        timeout,
+        message=f"environment {env} did not become live",
+        ignore=(
+            OSError,
+            ValueError,
+            KeyError,
+            TypeError,
+            AssertionError,
+            kernel_view.KernelViewError,
+        ),
+    )
+
+
+def new_events(controller: Controller, since: int) -> list[dict[str, Any]]:
+    return controller.events()[since:]
+
+
+def wait_event(
+    controller: Controller, *, since: int, reason: str, kind: str, name: str, timeout: float
+) -> dict[str, Any]:
+    def find() -> dict[str, Any] | None:
+        for event in new_events(controller, since):
+            if (event["reason"], event["kind"], event["name"]) == (reason, kind, name):
+                return event
+        return None
+
+    event: dict[str, Any] = wait_until(
+        find,
+        timeout,
+        interval=0.1,
+        message=lambda: f"no {reason} event for {kind}/{name}; got {new_events(controller, since)}",
+    )
+    return event
+
+
+def ip(*args: str) -> None:
+    result = kernel_view.run(["ip", *args])
+    assert result.returncode == 0, f"ip {' '.join(args)}: {result.stderr}"
+
+
+def ready_env(controller: Controller) -> subprocess.Popen[str]:
+    """Manifests for one network + one env, a running controller, the env live."""
+    controller.write_network()
+    controller.write_env()
+    proc = controller.start()
+    wait_live(controller, READY_DEADLINE)
+    return proc
+
+
+# --------------------------------------------------------------------------- the lifecycle
+
+
+def test_dropped_manifest_becomes_an_environment(controller: Controller) -> None:
+    proc = controller.start()  # an empty directory: nothing to do
+    assert kernel_view.netns_names().count(controller.netns) == 0
+    controller.write_network()
+    controller.write_env()
+    started = time.monotonic()
+    wait_live(controller, 5.0)
+    print(f"manifest -> live env: {time.monotonic() - started:.3f}s")
+    reasons = {(e["reason"], e["kind"], e["name"]) for e in controller.events()}
+    assert ("Created", "Environment", ENV) in reasons
+    assert ("Created", "Network", controller.network) in reasons
+    assert proc.poll() is None
+
+
+def test_edited_memory_limit_converges_in_place(controller: Controller) -> None:
+    ready_env(controller)
+    inode = kernel_view.netns_inode(controller.netns)
+    holder = holder_pid(controller)
+    since = len(controller.events())
+    controller.write_env(memory="96Mi")
+    wait_until(
+        lambda: int(kernel_view.read_cgroup_file(memory_file(controller))) == 96 * 1024 * 1024,
+        5.0,
+        message="memory limit not updated",
+    )
+    wait_event(controller, since=since, reason="Updated", kind="Environment", name=ENV, timeout=5.0)
+    assert kernel_view.netns_inode(controller.netns) == inode, "the netns was recreated"
+    assert holder_pid(controller) == holder, "the holder was restarted"
+
+
+def test_removed_manifest_is_pruned(controller: Controller) -> None:
+    ready_env(controller)
+    veth, cgroups = host_veth(controller), controller.record()["cgroupPaths"]
+    (controller.manifests / f"{ENV}.yaml").unlink()
+    wait_until(
+        lambda: (
+            controller.netns not in kernel_view.netns_names()
+            and kernel_view.ip_link(veth) is None
+            and not any(Path(p).exists() for p in cgroups)
+        ),
+        5.0,
+        message="environment not pruned",
+    )
+    assert ENV not in controller.state()["environments"]
+    reasons = {(e["reason"], e["kind"], e["name"]) for e in controller.events()}
+    assert ("Deleted", "Environment", ENV) in reasons
+    assert kernel_view.ip_link(bridge(controller)) is not None, "the network is still declared"
+
+
+def _rename_over(path: Path, text: str) -> None:
+    """An editor's atomic save: a hidden temp file in the same directory, renamed over."""
+    temp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(temp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.rename(temp, path)
+
+
+def _truncate_and_write(path: Path, text: str) -> None:
+    """An in-place save: truncate, then write in chunks (the file is empty in between)."""
+    with open(path, "w") as f:
+        f.flush()
+        for start in range(0, len(text), 16):
+            f.write(text[start : start + 16])
+            f.flush()
+
+
+@pytest.mark.parametrize("save", [_rename_over, _truncate_and_write], ids=["rename", "truncate"])
+def test_editor_style_save_converges_once(
+    controller: Controller, save: Callable[[Path, str], None]
+) -> None:
+    proc = ready_env(controller)
+    inode = kernel_view.netns_inode(controller.netns)
+    since = len(controller.events())
+    batches = len(controller.log_events(proc, "files.changed"))
+    save(controller.manifests / f"{ENV}.yaml", controller.env_yaml(memory="80Mi"))
+    wait_event(controller, since=since, reason="Updated", kind="Environment", name=ENV, timeout=5.0)
+    assert int(kernel_view.read_cgroup_file(memory_file(controller))) == 80 * 1024 * 1024
+    # Let a few resyncs pass: nothing else may happen (no delete, no recreate, no 2nd update).
+    first_resync_after = time.monotonic() + 2.5 * RESYNC
+    wait_until(lambda: time.monotonic() >= first_resync_after, 5.0, interval=0.1)
+    events = new_events(controller, since)
+    assert [(e["reason"], e["name"]) for e in events] == [("Updated", ENV)], events
+    assert kernel_view.netns_inode(controller.netns) == inode
+    flushed = controller.log_events(proc, "files.changed")[batches:]
+    assert len(flushed) == 1, f"expected one debounced batch, got {flushed}"
+    assert str(controller.manifests / f"{ENV}.yaml") in flushed[0]["paths"]
+
+
+def test_deleted_manifests_directory_prunes_nothing(controller: Controller) -> None:
+    proc = ready_env(controller)
+    saved = {p.name: p.read_text() for p in controller.manifests.iterdir()}
+    since = len(controller.events())
+    for path in controller.manifests.iterdir():
+        path.unlink()
+    controller.manifests.rmdir()
+    wait_event(
+        controller,
+        since=since,
+        reason="ReconcileFailed",
+        kind="Manifests",
+        name=str(controller.manifests),
+        timeout=REPAIR_DEADLINE,
+    )
+    assert env_is_live(controller), "a missing directory must never prune"
+    assert not [e for e in new_events(controller, since) if e["reason"] == "Deleted"]
+    # The directory comes back (with an edit): the watch follows it.
+    controller.manifests.mkdir()
+    for name, text in saved.items():
+        (controller.manifests / name).write_text(text)
+    controller.write_env(memory="72Mi")
+    wait_until(
+        lambda: int(kernel_view.read_cgroup_file(memory_file(controller))) == 72 * 1024 * 1024,
+        5.0,
+        message="edit in the re-created directory not applied",
+    )
+    assert proc.poll() is None
+
+
+# --------------------------------------------------------------------------- drift
+
+
+def _break_host_veth(c: Controller) -> None:
+    ip("link", "del", host_veth(c))
+
+
+def _flush_eth0(c: Controller) -> None:
+    ip("-n", c.netns, "addr", "flush", "dev", "eth0")
+
+
+def _host_veth_down(c: Controller) -> None:
+    ip("link", "set", host_veth(c), "down")
+
+
+def _delete_bridge(c: Controller) -> None:
+    ip("link", "del", bridge(c))
+
+
+def _change_memory_limit(c: Controller) -> None:
+    memory_file(c).write_text(str(128 * 1024 * 1024))
+    assert int(kernel_view.read_cgroup_file(memory_file(c))) == 128 * 1024 * 1024
+
+
+def _kill_holder(c: Controller) -> None:
+    os.kill(holder_pid(c), signal.SIGKILL)
+
+
+def _unpin_netns(c: Controller) -> None:
+    pin = kernel_view.NETNS_DIR / c.netns
+    result = kernel_view.run(["umount", str(pin)])
+    assert result.returncode == 0, result.stderr
+    pin.unlink()
+
+
+DRIFTS: dict[str, tuple[Callable[[Controller], None], str, str]] = {
+    # name: (break it, event reason, event kind)
+    "host-veth-deleted": (_break_host_veth, "DriftRepaired", "Environment"),
+    "eth0-address-flushed": (_flush_eth0, "DriftRepaired", "Environment"),
+    "host-veth-down": (_host_veth_down, "DriftRepaired", "Environment"),
+    "bridge-deleted": (_delete_bridge, "DriftRepaired", "Network"),
+    "memory-limit-changed": (_change_memory_limit, "DriftRepaired", "Environment"),
+    "holder-killed": (_kill_holder, "DriftRepaired", "Environment"),
+    "netns-unpinned": (_unpin_netns, "Recreated", "Environment"),
+}
+
+
+@pytest.mark.parametrize("drift", list(DRIFTS))
+def test_drift_is_repaired_within_two_resyncs(controller: Controller, drift: str) -> None:
+    ready_env(controller)
+    breaker, reason, kind = DRIFTS[drift]
+    address = kernel_view.ipv4_addresses(kernel_view.ip_link("eth0", netns=controller.netns))
+    holder = holder_pid(controller)
+    inode = kernel_view.netns_inode(controller.netns)
+    since = len(controller.events())
+    breaker(controller)
+    started = time.monotonic()
+    wait_live(controller, REPAIR_DEADLINE)
+    print(f"{drift}: repaired after {time.monotonic() - started:.3f}s")
+    name = controller.network if kind == "Network" else ENV
+    event = wait_event(controller, since=since, reason=reason, kind=kind, name=name, timeout=5.0)
+    assert "drift" in event["message"], event
+    eth0 = kernel_view.ip_link("eth0", netns=controller.netns)
+    assert kernel_view.ipv4_addresses(eth0) == address, "the address must not change"
+    if drift == "holder-killed":
+        assert holder_pid(controller) != holder
+    if drift == "netns-unpinned":
+        assert kernel_view.netns_inode(controller.netns) != inode
+    else:
+        assert kernel_view.netns_inode(controller.netns) == inode, f"{drift}: netns recreated"
+
+
+# --------------------------------------------------------------------------- the process
+
+
+def test_sigterm_exits_0_and_leaves_environments_running(controller: Controller) -> None:
+    proc = ready_env(controller)
+    holder = holder_pid(controller)
+    assert controller.stop(proc) == 0
+    assert env_is_live(controller)
+    assert kernel_view.pid_alive(holder)
+    lock = controller.state_dir / controller.instance / "lock"
+    assert not lock.read_text().strip(), "the lock must be released on exit"
+    # Released for real: a one-shot apply may now take it.
+    result = controller.cli("apply")
+    assert result.returncode == 0, result.stderr
+
+
+def test_second_controller_and_apply_are_refused_naming_the_pid(controller: Controller) -> None:
+    proc = controller.start()
+    second = controller.cli("run", "--resync", "1", timeout=30)
+    assert second.returncode == 1, second
+    assert f"pid {proc.pid}" in second.stderr, second.stderr
+    assert "Traceback" not in second.stderr
+    apply = controller.cli("apply")
+    assert apply.returncode == 1
+    assert f"pid {proc.pid}" in apply.stderr, apply.stderr
+    assert proc.poll() is None, "the first controller must be unaffected"
+
+
+def test_unsupported_options_are_a_usage_error(controller: Controller) -> None:
+    result = controller.cli("run", "--metrics-addr", "127.0.0.1:9100")
+    assert result.returncode == 2
+    assert "not supported yet" in result.stderr
+
+
+def test_missing_manifests_directory_refuses_to_start(controller: Controller) -> None:
+    controller.manifests.rmdir()
+    result = controller.cli("run", timeout=30)
+    assert result.returncode == 1
+    assert "does not exist" in result.stderr, result.stderr
+
+
+# --------------------------------------------------------------------------- recovery
+
+
+@pytest.mark.parametrize("damage", ["missing", "corrupt"])
+def test_recover_adopts_live_environments(controller: Controller, damage: str) -> None:
+    proc = ready_env(controller)
+    address = controller.record()["address"]
+    holder = holder_pid(controller)
+    inode = kernel_view.netns_inode(controller.netns)
+    assert controller.stop(proc) == 0
+    backup = controller.state_file.with_name("state.json.bak")
+    backup.unlink(missing_ok=True)
+    if damage == "missing":
+        controller.state_file.unlink()
+    else:
+        controller.state_file.write_text('{"version": 1, "serial": ')
+
+    refused = controller.cli("run", timeout=30)
+    assert refused.returncode == 1, refused
+    assert "--recover" in refused.stderr, refused.stderr
+    assert env_is_live(controller), "a refused start must not touch anything"
+
+    since = len(controller.events())
+    controller.start("--recover")
+    wait_live(controller, READY_DEADLINE)
+    record = controller.record()
+    assert record["address"] == address
+    assert record["netnsInode"] == inode == kernel_view.netns_inode(controller.netns)
+    assert holder_pid(controller) == holder, "the holder must be adopted, not restarted"
+    adopted = wait_event(
+        controller, since=since, reason="Adopted", kind="Environment", name=ENV, timeout=5.0
+    )
+    assert address in adopted["message"]
+    if damage == "corrupt":
+        aside = list(controller.state_file.parent.glob("state.json.corrupt-*"))
+        assert len(aside) == 1, "the corrupt file must be set aside, not lost"
