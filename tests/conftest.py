@@ -116,12 +116,12 @@ def _leak_guard() -> Iterator[dict[str, str]]:
 
 @pytest.fixture
 def instance(request: pytest.FixtureRequest, _leak_guard: dict[str, str]) -> str:
-    """A unique reconciler instance name, `rt-<8 hex>`: a short DNS-1123 label.
+    """A unique reconciler instance name, `rt<8 hex>`: letters and digits, no "-" (CLI rule).
 
     Use it for `--instance`, so this test's cgroups, namespaces, links and tables can be
     told apart from the host's and from every other test's.
     """
-    name = f"rt-{secrets.token_hex(4)}"
+    name = f"rt{secrets.token_hex(4)}"
     _leak_guard[name] = request.node.nodeid
     return name
 

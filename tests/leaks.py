@@ -2,7 +2,7 @@
 
 Teardown is where reconcilers leak (a cgroup left behind, a netns pin, a stray process,
 a veth whose namespace died first). Every test instance has a unique, random name
-(`rt-<8 hex>`), so anything in the kernel whose name, cgroup path or ownership tag contains
+(`rt<8 hex>`), so anything in the kernel whose name, cgroup path or ownership tag contains
 that name belongs to the test, and must be gone after `destroy`.
 
 `leaked_objects(instance)` looks, independently of the product's code, at:

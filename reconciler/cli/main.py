@@ -34,7 +34,9 @@ from reconciler.state.model import StateDocument
 
 P = ParamSpec("P")
 R = TypeVar("R")
-INSTANCE_PATTERN = re.compile(r"^[a-z0-9]([-a-z0-9]{0,30}[a-z0-9])?$")
+# No "-": it separates instance and environment in netns names (`<instance>-<env>`), so
+# instance `dev` with env `x-web` and instance `dev-x` with env `web` can never collide.
+INSTANCE_PATTERN = re.compile(r"^[a-z0-9][a-z0-9_]{0,31}$")
 
 
 def _fail(message: str, code: int = 1) -> None:
@@ -66,8 +68,8 @@ def _instance(ctx: click.Context, param: click.Parameter, value: str) -> str:
     del ctx, param
     if not INSTANCE_PATTERN.match(value):
         raise click.BadParameter(
-            f"{value!r}: use 1-32 lowercase letters, digits and '-' "
-            "(it prefixes netns and cgroup names)"
+            f"{value!r}: use 1-32 lowercase letters, digits and '_' (no '-': it separates "
+            "instance and environment in netns names, e.g. ci_42-payments)"
         )
     return value
 

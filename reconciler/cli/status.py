@@ -12,7 +12,8 @@ from typing import Any
 
 from reconciler.cli.runtime import Runtime
 from reconciler.engine.observe import Observation, observe
-from reconciler.kernel.types import CgroupState, IoLimit, owner_tag
+from reconciler.engine.plan import diff_limits
+from reconciler.kernel.types import CgroupLimits, CgroupState, IoLimit, owner_tag
 from reconciler.state.conditions import set_condition
 from reconciler.state.model import EnvironmentRecord, NetworkRecord, StateDocument
 
@@ -172,6 +173,15 @@ def _drift(
             problems.append(f"host veth {record.host_veth} lost its ownership tag")
     if cgroup is None:
         problems.append("cgroup is missing")
+    else:
+        resources = record.spec.get("resources", {})
+        recorded = CgroupLimits(
+            memory_bytes=resources.get("memory"),
+            cpu_millis=resources.get("cpu"),
+            pids=resources.get("pids"),
+            io=cgroup.limits.io,  # devices are resolved at apply time; `plan` checks io
+        )
+        problems += [f"cgroup {d}" for d in diff_limits(cgroup.limits, recorded)]
     if record.holder is not None and not observed.holders_alive.get(name, False):
         problems.append("holder process is not running")
     return problems

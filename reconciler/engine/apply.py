@@ -263,7 +263,7 @@ class Applier:
             alias = owner_tag(instance=self.instance, kind="env", name=change.name)
             if self.drivers.network.remove_env_link(host_name=record.host_veth, alias=alias):
                 made.append(f"veth {record.host_veth} removed")
-        if self.drivers.network.remove_netns(name=record.netns):
+        if self.drivers.network.remove_netns(name=record.netns, inode=record.netns_inode):
             made.append(f"netns {record.netns} removed")
         # The address is released last, and only when the environment goes for good.
         if change.action is Action.DELETE and record.network is not None:

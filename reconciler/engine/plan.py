@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import resource
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -29,6 +30,7 @@ from reconciler.manifests.quantities import format_bytes, format_cpu
 from reconciler.state.model import EnvironmentRecord, NetworkRecord, StateDocument
 
 PLAN_FORMAT_VERSION = 1
+PAGE_SIZE = resource.getpagesize()
 ENV_REPLACEMENT_FIELDS = ("hostname", "namespaces", "network.name", "mounts")
 NETWORK_REPLACEMENT_FIELDS = ("subnet", "gateway", "bridge")
 
@@ -117,6 +119,7 @@ def make_plan(
             want=desired.networks.get(name),
             have=recorded.networks.get(name),
             desired=desired,
+            recorded=recorded,
             observed=observed,
         )
         if change is not None:
@@ -174,6 +177,7 @@ def _plan_network(
     want: DesiredNetwork | None,
     have: NetworkRecord | None,
     desired: Desired,
+    recorded: StateDocument,
     observed: Observation,
 ) -> Change | None:
     kind = "Network"
@@ -183,9 +187,16 @@ def _plan_network(
             return Change(
                 kind, name, Action.NOOP, ("manifest failed to load; kept as last applied",)
             )
-        users = [e for e, r in desired.environments.items() if r.network == name]
-        if users:  # cannot happen after crosscheck; defensive
-            return Change(kind, name, Action.NOOP, (f"still used by {', '.join(users)}",))
+        users = {e for e, r in desired.environments.items() if r.network == name}
+        # An environment kept as last applied (its manifest failed) still needs its bridge.
+        users |= {
+            e
+            for e, r in recorded.environments.items()
+            if r.network == name and desired.protects(kind="Environment", name=e, file=r.file)
+        }
+        if users:
+            used = ", ".join(f"Environment/{u}" for u in sorted(users))
+            return Change(kind, name, Action.NOOP, (f"kept: still used by {used}",))
         return Change(kind, name, Action.DELETE, ("no longer declared",))
     if have is None:
         return Change(kind, name, Action.CREATE, (f"declared at {want.source}",))
@@ -273,13 +284,19 @@ def _plan_environment(
         observed=observed,
         address=address,
     )
-    reasons += _cgroup_drift(want=want, state=observed.cgroups.get(name))
+    # A resources edit already explains why live limits differ: don't call it drift too.
+    spec_changed_limits = any(d.path.startswith("resources") for d in diffs)
+    reasons += _cgroup_drift(
+        want=want, state=observed.cgroups.get(name), check_limits=not spec_changed_limits
+    )
     if have.holder is None or not observed.holders_alive.get(name, False):
         reasons.append("drift: holder process is not running")
     return Change(kind, name, Action.UPDATE if reasons else Action.NOOP, tuple(reasons))
 
 
 def _forces_env_replacement(path: str) -> bool:
+    if path == "network":  # joining or leaving a network
+        return True
     base = path.split("[")[0]
     return any(base == f or base.startswith(f + ".") for f in ENV_REPLACEMENT_FIELDS)
 
@@ -323,20 +340,23 @@ def _link_drift(
     return reasons
 
 
-def _cgroup_drift(*, want: DesiredEnvironment, state: CgroupState | None) -> list[str]:
+def _cgroup_drift(
+    *, want: DesiredEnvironment, state: CgroupState | None, check_limits: bool
+) -> list[str]:
     if state is None:
         return ["drift: cgroup is missing"]
     reasons = []
     if not state.complete:
         reasons.append("drift: some cgroup directories are missing")
-    reasons += [f"drift: cgroup {d}" for d in diff_limits(state.limits, want.limits)]
+    if check_limits:
+        reasons += [f"drift: cgroup {d}" for d in diff_limits(state.limits, want.limits)]
     return reasons
 
 
 def diff_limits(live: CgroupLimits, want: CgroupLimits) -> list[str]:
     """Human-readable differences between live and desired limits."""
     out = []
-    if live.memory_bytes != want.memory_bytes:
+    if _page_floor(live.memory_bytes) != _page_floor(want.memory_bytes):
         have, need = _opt(live.memory_bytes, format_bytes), _opt(want.memory_bytes, format_bytes)
         out.append(f"memory {have} (want {need})")
     if live.cpu_millis != want.cpu_millis:
@@ -348,6 +368,11 @@ def diff_limits(live: CgroupLimits, want: CgroupLimits) -> list[str]:
     if sorted(live.io, key=lambda i: i.device) != sorted(want.io, key=lambda i: i.device):
         out.append("io limits differ")
     return out
+
+
+def _page_floor(value: int | None) -> int | None:
+    """The kernel stores memory limits rounded down to whole pages."""
+    return None if value is None else value - value % PAGE_SIZE
 
 
 def _opt(value: int | None, render: Any) -> str:

@@ -525,7 +525,14 @@ class NetlinkDriver:
             self._set_up(handle.ipr, lo, f"lo in network namespace {name}")
         return self._state(name, handle)
 
-    def _remove_netns(self, name: str) -> bool:
+    def _remove_netns(self, name: str, inode: int | None) -> bool:
+        if inode is not None:
+            pin = netns.pin_identity(name)
+            if pin is not None and pin.inode != inode:
+                raise OwnershipError(
+                    f"netns {name} is not the namespace this instance recorded (inode "
+                    f"{pin.inode}, recorded {inode}); left in place: remove it by hand if stale"
+                )
         # Close our socket first: it alone would keep the namespace (and its veth) alive.
         self._drop(name)
         with _kernel_errors(f"removing network namespace {name}"):
@@ -721,9 +728,13 @@ class NetlinkDriver:
         """Create (or adopt) the namespace pinned at /run/netns/<name>, with `lo` up."""
         return self._call(self._ensure_netns, name)
 
-    def remove_netns(self, *, name: str) -> bool:
-        """Close our socket in it, then unpin /run/netns/<name>; True if it existed."""
-        return self._call(self._remove_netns, name)
+    def remove_netns(self, *, name: str, inode: int | None = None) -> bool:
+        """Close our socket in it, then unpin /run/netns/<name>; True if it existed.
+
+        With `inode`, the pin is removed only if it still is that namespace (ownership
+        proof from the inventory); otherwise OwnershipError.
+        """
+        return self._call(self._remove_netns, name, inode)
 
     def ensure_env_link(
         self,

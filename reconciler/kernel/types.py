@@ -95,8 +95,12 @@ class NetworkDriver(Protocol):
         """Create (or adopt) the namespace pinned at /run/netns/<name>, with `lo` up."""
         ...
 
-    def remove_netns(self, *, name: str) -> bool:
-        """Unpin and forget /run/netns/<name>; True if it existed."""
+    def remove_netns(self, *, name: str, inode: int | None = None) -> bool:
+        """Unpin and forget /run/netns/<name>; True if it existed.
+
+        With `inode` (from the inventory), refuse (OwnershipError) when the pin is now
+        another namespace: a name alone does not prove ownership.
+        """
         ...
 
     def ensure_env_link(

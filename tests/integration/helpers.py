@@ -144,7 +144,7 @@ def force_cleanup(instance: str) -> None:
     (killed through a pidfd, so a reused pid is never signalled), its cgroup dirs, its
     netns pins and the links tagged with it.
     """
-    if not instance.startswith("rt-"):
+    if not instance.startswith("rt"):
         raise ValueError(f"refusing to clean up non-test instance {instance!r}")
     _kill_instance_processes(instance)
     for mount in kernel_view.cgroup_mounts():

@@ -39,7 +39,7 @@ from reconciler.state.model import (
 )
 
 API = "reconciler/v1"
-INSTANCE = "rt-unit"
+INSTANCE = "rtunit"
 DEVICE = "254:0"
 NETNS_DEV = 4
 

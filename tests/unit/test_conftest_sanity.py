@@ -22,7 +22,7 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_instance_is_a_short_unique_dns_label(instance: str) -> None:
-    assert re.fullmatch(r"rt-[0-9a-f]{8}", instance)
+    assert re.fullmatch(r"rt[0-9a-f]{8}", instance)
     assert re.fullmatch(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?", instance)
 
 

@@ -147,12 +147,6 @@ def test_in_place_edits_are_updates_that_name_the_field(
     assert updated.reasons[0] == reason
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: an edited limit is reported twice, once as the edit and once as "
-    "'drift: cgroup memory 256Mi (want 128Mi)': _cgroup_drift compares live limits with the "
-    "new desired ones, so a pending edit reads as drift (contract section 5 shows one reason)",
-)
 def test_an_edited_limit_is_not_also_reported_as_drift(world: World) -> None:
     edited = files(resources={**WEB_SPEC["resources"], "memory": "128Mi"})
     updated = only_change(world.plan(desired=desired(edited)))
@@ -212,12 +206,6 @@ def test_moving_to_another_network_forces_a_recreate() -> None:
     assert plan.addresses["web"] == "10.214.0.2/24"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: plan treats adding a network to an environment (spec.network absent -> "
-    "set, or set -> absent) as an in-place update; _forces_env_replacement only matches "
-    "'network.name', but the diff path is 'network' when the whole mapping appears or goes",
-)
 @pytest.mark.parametrize("direction", ["join", "leave"])
 def test_joining_or_leaving_a_network_forces_a_recreate(direction: str) -> None:
     with_net = files()
@@ -330,12 +318,6 @@ def test_broken_network_file_keeps_the_network_and_its_environments(world: World
     }
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: a removed Network is deleted while a recorded environment on it is kept "
-    "(protected because its own manifest now fails crosscheck: 'network is not declared'); "
-    "_plan_network counts only desired environments as users, not kept recorded ones",
-)
 def test_removed_network_is_kept_while_a_kept_environment_uses_it(world: World) -> None:
     remaining = files()
     del remaining["net.yaml"]

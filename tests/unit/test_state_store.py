@@ -29,7 +29,7 @@ from reconciler.state.model import (
 )
 from reconciler.state.store import SaveResult, StateCorruptError, StateStore
 
-INSTANCE = "rt-store"
+INSTANCE = "rtstore"
 
 
 def read_json(path: Path) -> dict[str, Any]:
