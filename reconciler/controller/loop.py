@@ -137,6 +137,7 @@ class Controller:
         self._reported_errors: frozenset[str] = frozenset()
         self._reported_failure: str | None = None
         self._changed = False  # the last reconcile planned changes (for the log level)
+        self._deferred_since: float | None = None  # worker only: see _should_defer
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -326,10 +327,7 @@ class Controller:
                 if self._queue.shutting_down:
                     return
                 continue
-            if key == ALL and self._debouncer.pending():
-                # Files are being written right now (a resync or a retry came due in the
-                # middle of a burst): reading them could see a half-written file. The
-                # burst's own batch enqueues ALL once it is over, so skip this turn.
+            if self._should_defer(key):
                 log.debug("reconcile.deferred", reason="file events still settling")
                 self._queue.done(key)
                 continue
@@ -343,6 +341,27 @@ class Controller:
                     delay = self._queue.failure(key)
                     log.info("reconcile.retry", key=key, seconds=delay)
                 self._queue.done(key)
+
+    def _should_defer(self, key: str) -> bool:
+        """True when files are being written right now: skip this turn.
+
+        A resync or a retry may come due in the middle of a burst of file events, and
+        reading the files then could see a half-written one. The burst's own batch
+        enqueues ALL once it is over, so nothing is lost by skipping. Deferring stops
+        after `debounce_max`, so that a directory written to without pause (a log file
+        named *.yaml) still gets reconciled every few seconds instead of never.
+        """
+        if key != ALL or not self._debouncer.pending():
+            self._deferred_since = None
+            return False
+        now = self._clock()
+        if self._deferred_since is None:
+            self._deferred_since = now
+            return True
+        if now - self._deferred_since < self._settings.debounce_max:
+            return True
+        self._deferred_since = None
+        return False
 
     def _reconcile(self, key: str) -> bool:
         """One reconcile of the whole instance, whatever `key` is; True when all converged."""

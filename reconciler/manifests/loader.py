@@ -136,6 +136,12 @@ def load_file(path: Path, *, display: str, into: LoadResult) -> None:
     except (OSError, UnicodeDecodeError) as exc:
         into.error(display, 1, f"cannot read file: {_reason(exc)}", key=None)
         return
+    if not text:
+        # A zero-byte file is an editor or `>` caught mid-write (truncate, then write), not a
+        # declaration of nothing: protect what it declared until it has content again.
+        # (Deleting the file, or leaving a comment, is how a user empties it on purpose.)
+        into.failed_files.add(display)
+        return
     load_text(text, display=display, into=into)
 
 
