@@ -68,7 +68,7 @@ def status_tables(doc: dict[str, Any], *, wide: bool) -> str:
             )
         )
     if doc["environments"]:
-        headers = ["ENVIRONMENT", "PHASE", "ADDRESS", "MEMORY", "PIDS", "AGE/RECONCILED"]
+        headers = ["ENVIRONMENT", "PHASE", "ADDRESS", "MEMORY", "PIDS", "RECONCILED"]
         if wide:
             headers += ["NETNS", "VETH", "HOLDER", "CGROUP", "REASON"]
         rows = []

@@ -220,7 +220,25 @@ class Ruleset:
 
     instance: str
     tables: tuple[Table, ...]
-    keep: frozenset[str] = frozenset()  # members' addresses and ports: what counters may name
+    keep: frozenset[str] = frozenset()  # members' addresses and ports, gateways
+    subnets: tuple[str, ...] = ()  # our networks: an address in one that is not kept is gone
+
+    def stale(self, key: Key) -> bool:
+        """True for a counter element that names a departed env, or no current one.
+
+        Addresses outside our subnets (an uplink, the world) are neither: (a, 8.8.8.8)
+        lives as long as a does.
+        """
+        if not self.keep.intersection(key):
+            return True
+        subnets = [ipaddress.IPv4Network(s) for s in self.subnets]
+        for part in key:
+            if part in self.keep or not _is_ip(part):
+                continue
+            address = ipaddress.ip_address(part)
+            if any(address in subnet for subnet in subnets):
+                return True
+        return False
 
 
 # --------------------------------------------------------------------------- live model
@@ -402,7 +420,7 @@ def _allow_rules(net: NetworkRules) -> list[tuple[str, str]]:
     (or nowhere) could never reach the destination anyway, so the rule is left out.
     """
     address = {m.env: m.address for m in net.members}
-    out: set[tuple[tuple[int, ...], str, str]] = set()
+    out: dict[str, tuple[int, str]] = {}  # body -> (destination as int, description)
     for allow in net.ingress:
         dst = address.get(allow.dst_env)
         if dst is None:
@@ -424,9 +442,11 @@ def _allow_rules(net: NetworkRules) -> list[tuple[str, str]]:
         )
         body = f"ip daddr {dst} ip saddr {src} {match} accept"
         port_desc = ",".join(map(str, ports)) if ports else "all"
-        sort_key = (*map(int, ipaddress.IPv4Address(dst).packed), len(ports))
-        out.add((sort_key, body, f"allow {src_desc} to {allow.dst_env} {proto} {port_desc}"))
-    return [(body, desc) for _, body, desc in sorted(out)]
+        desc = f"allow {src_desc} to {allow.dst_env} {proto} {port_desc}"
+        out.setdefault(body, (int(ipaddress.IPv4Address(dst)), desc))
+    # By destination, then text: the order of manifests and rules never moves a rule.
+    ordered = sorted(out.items(), key=lambda item: (item[1][0], item[0]))
+    return [(body, desc) for body, (_, desc) in ordered]
 
 
 def _inet_table(spec: IsolationSpec, networks: Sequence[NetworkRules]) -> Table:
@@ -512,10 +532,12 @@ def render(spec: IsolationSpec) -> Ruleset:
     _check(spec)
     networks = sorted(spec.networks, key=lambda n: n.name)
     keep = frozenset(x for n in networks for m in n.members for x in (m.address, m.host_port))
+    keep |= {n.gateway for n in networks}
     if not networks:
         return Ruleset(instance=spec.instance, tables=())
     tables = (_inet_table(spec, networks), _bridge_table(spec, networks))
-    return Ruleset(instance=spec.instance, tables=tables, keep=keep)
+    subnets = tuple(str(ipaddress.IPv4Network(n.subnet)) for n in networks)
+    return Ruleset(instance=spec.instance, tables=tables, keep=keep, subnets=subnets)
 
 
 # --------------------------------------------------------------------------- transactions
@@ -586,11 +608,11 @@ def differences(table: Table, live: LiveTable | None) -> list[str]:
     return changes
 
 
-def stale_keys(table: Table, live: LiveTable, keep: frozenset[str]) -> dict[str, list[Key]]:
-    """Per dynamic set, the elements none of whose parts (address, port) is a member's."""
+def stale_keys(table: Table, live: LiveTable, ruleset: Ruleset) -> dict[str, list[Key]]:
+    """Per dynamic set of `table`, the elements `ruleset` calls stale."""
     stale: dict[str, list[Key]] = {}
     for s in table.sets:
-        found = sorted(k for k in live.counters.get(s.name, {}) if not keep.intersection(k))
+        found = sorted(k for k in live.counters.get(s.name, {}) if ruleset.stale(k))
         if found:
             stale[s.name] = found
     return stale
@@ -608,14 +630,14 @@ def _is_ip(text: str) -> bool:
     return True
 
 
-def table_script(table: Table, live: LiveTable | None, *, keep: frozenset[str]) -> list[str]:
+def table_script(table: Table, live: LiveTable | None, *, ruleset: Ruleset) -> list[str]:
     """nft commands that make `table` exactly as rendered, given its live state.
 
     Absent: created. Structurally drifted: deleted and recreated, carrying the counters
     of the dynamic sets over. Otherwise: missing chains added, every chain flushed and
     refilled, unwanted chains and sets deleted, stale counter elements removed; the
-    dynamic sets themselves are left alone so their counters keep counting. `keep`: the
-    members' addresses and ports; counter elements naming none of them are stale.
+    dynamic sets themselves are left alone so their counters keep counting. Counter
+    elements of departed envs are dropped (`Ruleset.stale`).
     """
     ref = table.ref
     rebuild = live is not None and bool(structural_drift(table, live))
@@ -638,7 +660,7 @@ def table_script(table: Table, live: LiveTable | None, *, keep: frozenset[str]) 
     lines += [f"delete chain {ref} {name}" for name in extra_chains]
     lines += [f"delete set {ref} {name}" for name in extra_sets]
     if live is not None:
-        stale = stale_keys(table, live, keep)
+        stale = stale_keys(table, live, ruleset)
         for s in table.sets:
             counters = live.counters.get(s.name, {})
             if rebuild:
@@ -673,5 +695,5 @@ def script(ruleset: Ruleset, live: Mapping[Family, LiveTable | None]) -> str:
     else:
         lines = []
         for table in ruleset.tables:
-            lines += table_script(table, live.get(table.family), keep=ruleset.keep)
+            lines += table_script(table, live.get(table.family), ruleset=ruleset)
     return "\n".join(lines) + "\n"

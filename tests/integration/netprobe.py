@@ -17,7 +17,8 @@ name, and every address is the caller's.
 
 from __future__ import annotations
 
-import selectors
+import os
+import select
 import subprocess
 import sys
 import time
@@ -113,8 +114,9 @@ class Listener:
 
     def __init__(self, ns: str | None, specs: Sequence[str], *, host: str = "0.0.0.0") -> None:
         self.ns, self.specs, self.host = ns, tuple(specs), host
-        self._proc: subprocess.Popen[str] | None = None
+        self._proc: subprocess.Popen[bytes] | None = None
         self._seen: list[Arrival] = []
+        self._buffer = b""
 
     def __enter__(self) -> Listener:
         self._proc = subprocess.Popen(
@@ -122,12 +124,11 @@ class Listener:
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
-            text=True,
         )
         line = self._readline(START_TIMEOUT)
         if line != "ready":
             self._stop()
-            err = self._proc.stderr.read() if self._proc.stderr else ""
+            err = self._proc.stderr.read().decode() if self._proc.stderr else ""
             raise RuntimeError(f"listener in {self.ns or 'root netns'} did not start: {err}")
         return self
 
@@ -152,24 +153,40 @@ class Listener:
             proc.wait()
 
     def _readline(self, timeout: float) -> str | None:
-        """The next stdout line within `timeout`, or None."""
-        assert self._proc is not None and self._proc.stdout is not None
-        with selectors.DefaultSelector() as sel:
-            sel.register(self._proc.stdout, selectors.EVENT_READ)
-            if not sel.select(timeout):
-                return None
-        line = self._proc.stdout.readline()
-        return line.strip() if line else None
+        """The next stdout line within `timeout`, or None.
 
-    def arrivals(self, *, wait: float = 0.0) -> list[Arrival]:
-        """Everything received so far, reading new reports for up to `wait` seconds."""
+        Reads the raw pipe into our own buffer: a buffered text reader may hold lines
+        that `select` can no longer see on the descriptor.
+        """
+        assert self._proc is not None and self._proc.stdout is not None
+        fd = self._proc.stdout.fileno()
+        deadline = time.monotonic() + timeout
+        while b"\n" not in self._buffer:
+            remaining = deadline - time.monotonic()
+            readable, _, _ = select.select([fd], [], [], max(0.0, remaining))
+            if not readable:
+                return None
+            chunk = os.read(fd, 4096)
+            if not chunk:
+                return None  # the listener exited
+            self._buffer += chunk
+        line, _, self._buffer = self._buffer.partition(b"\n")
+        return line.decode().strip()
+
+    def arrivals(self, *, wait: float = 0.0, at_least: int | None = None) -> list[Arrival]:
+        """Everything received so far, reading new reports for up to `wait` seconds.
+
+        With `at_least`, return as soon as that many have arrived in total: a check for
+        an expected arrival waits only as long as it takes.
+        """
         deadline = time.monotonic() + wait
-        while True:
+        while at_least is None or len(self._seen) < at_least:
             line = self._readline(max(0.0, deadline - time.monotonic()))
             if line is None:
-                return list(self._seen)
+                break
             proto, port, source = line.split()
             self._seen.append(Arrival(proto=_PROTOS[proto], port=int(port), source=source))
+        return list(self._seen)
 
 
 def _probe(

@@ -12,24 +12,12 @@ import pytest
 
 from reconciler.controller.debounce import Debouncer
 from reconciler.controller.watcher import is_relevant
-
-
-class FakeClock:
-    """Monotonic seconds that only move when told to."""
-
-    def __init__(self) -> None:
-        self.now = 50.0
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
+from tests.unit.fakes import FakeClock
 
 
 @pytest.fixture
 def clock() -> FakeClock:
-    return FakeClock()
+    return FakeClock(50.0)
 
 
 @pytest.fixture

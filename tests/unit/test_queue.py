@@ -12,24 +12,12 @@ import time
 import pytest
 
 from reconciler.controller.queue import Backoff, WorkQueue
-
-
-class FakeClock:
-    """Monotonic seconds that only move when told to."""
-
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
+from tests.unit.fakes import FakeClock
 
 
 @pytest.fixture
 def clock() -> FakeClock:
-    return FakeClock()
+    return FakeClock(1000.0)
 
 
 @pytest.fixture
