@@ -61,6 +61,7 @@ class Runtime:
                     "this command changes or reads kernel objects: run it as root"
                 )
             from reconciler.kernel.cgroups import open_cgroup_driver
+            from reconciler.kernel.firewall import FirewallDriver
             from reconciler.kernel.holder import ForkingHolderDriver
             from reconciler.kernel.netlink import NetlinkDriver
 
@@ -68,6 +69,7 @@ class Runtime:
                 network=NetlinkDriver(),
                 cgroups=open_cgroup_driver(instance=self.options.instance),
                 holders=ForkingHolderDriver(),
+                firewall=FirewallDriver(instance=self.options.instance),
             )
         return self._drivers
 

@@ -30,6 +30,7 @@ def build_status(runtime: Runtime, state: StateDocument, names: Sequence[str]) -
         boot_id=state.boot_id,
     )
     instance = runtime.options.instance
+    denied = drivers.firewall.denied_counts()
     selected = [n for n in sorted(state.environments) if not names or n in names]
     return {
         "instance": instance,
@@ -42,6 +43,7 @@ def build_status(runtime: Runtime, state: StateDocument, names: Sequence[str]) -
             _environment(
                 instance, name, state.environments[name], observed, drivers.cgroups.driver, state
             )
+            | {"deniedConnections": _denied_from(state.environments[name], denied)}
             for name in selected
         ],
     }
@@ -126,6 +128,14 @@ def _environment(
         "lastError": record.last_error,
         "drift": drift,
     }
+
+
+def _denied_from(record: EnvironmentRecord, denied: dict[tuple[str, str], int]) -> int:
+    """Packets the isolation rules dropped with this environment as the source."""
+    if not record.address:
+        return 0
+    own = record.address.split("/")[0]
+    return sum(count for (source, _), count in denied.items() if source == own)
 
 
 def _limits(cgroup: CgroupState | None) -> dict[str, Any]:

@@ -20,11 +20,13 @@ from dataclasses import dataclass, field
 import structlog
 
 from reconciler.engine.desired import Desired, DesiredEnvironment, DesiredNetwork
+from reconciler.engine.isolation import isolation_spec
 from reconciler.engine.plan import Action, Change, Plan
 from reconciler.errors import ReconcilerError
 from reconciler.kernel.naming import host_veth_name, netns_name
 from reconciler.kernel.types import (
     CgroupDriver,
+    FirewallDriver,
     HolderDriver,
     HolderSpec,
     NetworkDriver,
@@ -52,6 +54,7 @@ class Drivers:
     network: NetworkDriver
     cgroups: CgroupDriver
     holders: HolderDriver
+    firewall: FirewallDriver
 
 
 @dataclass(frozen=True)
@@ -97,13 +100,56 @@ class Applier:
         for change in changes:
             if change.kind == "Environment" and change.action is not Action.DELETE:
                 self._guard(change, self._converge_environment, final=True)
+        if changes:
+            self._converge_isolation()
         return self.outcomes
+
+    # ----------------------------------------------------------------- isolation
+
+    def _converge_isolation(self) -> None:
+        """Bridge/port knobs and the nftables tables, from the inventory as it is now."""
+        firewall = self.drivers.firewall
+        try:
+            made: list[str] = []
+            for network in self.state.networks.values():
+                made += firewall.ensure_bridge_flags(bridge=network.bridge)
+                ports = [
+                    r.host_veth
+                    for r in self.state.environments.values()
+                    if r.network is not None
+                    and self.state.networks.get(r.network) is network
+                    and r.host_veth
+                ]
+                made += firewall.ensure_port_flags(bridge=network.bridge, ports=ports)
+            made += firewall.ensure(isolation_spec(instance=self.instance, state=self.state))
+        except (ReconcilerError, OSError) as exc:
+            message = f"isolation rules not applied: {exc}"
+            log.warning("firewall.failed", error=message)
+            self.outcomes.append(Outcome("Firewall", self.instance, Action.UPDATE, False, message))
+            self.events.emit(
+                type="Warning",
+                reason="ReconcileFailed",
+                kind="Firewall",
+                name=self.instance,
+                message=message,
+            )
+            return
+        if made:
+            log.info("firewall.updated", changes=made)
 
     # ----------------------------------------------------------------- bookkeeping
 
     def _guard(self, change: Change, step: Callable[[Change], list[str]], *, final: bool) -> None:
-        """Run one step; record success (when `final`) or failure on the object's record."""
+        """Run one step; record success (when `final`) or failure on the object's record.
+
+        Success resets the record's failure count and sets `Reconciling` and `Stalled`
+        False; a failure counts one more (read before the step, which may rebuild the
+        record) and `_mark_failed` sets the conditions.
+        """
         bound = log.bind(kind=change.kind, name=change.name, action=str(change.action))
+        records = self.state.environments if change.kind == "Environment" else self.state.networks
+        before = records.get(change.name)
+        failures = before.consecutive_failures if before is not None else 0
         try:
             made = step(change)
         except (ReconcilerError, OSError) as exc:
@@ -111,7 +157,7 @@ class Applier:
                 str(exc) if isinstance(exc, ReconcilerError) else f"{type(exc).__name__}: {exc}"
             )
             bound.warning("object.failed", error=message)
-            self._mark_failed(change, message)
+            self._mark_failed(change, message, failures=failures + 1)
             self.outcomes.append(Outcome(change.kind, change.name, change.action, False, message))
             self.events.emit(
                 type="Warning",
@@ -125,6 +171,13 @@ class Applier:
             return
         if not final:
             return
+        record = records.get(change.name)
+        if record is not None:
+            record.consecutive_failures = 0
+            for condition, reason in (("Reconciling", "Idle"), ("Stalled", "Reconciled")):
+                record.conditions = set_condition(
+                    record.conditions, type=condition, status="False", reason=reason
+                )
         self.outcomes.append(
             Outcome(change.kind, change.name, change.action, True, "", tuple(made))
         )
@@ -134,7 +187,8 @@ class Applier:
             type="Normal", reason=reason, kind=change.kind, name=change.name, message=message
         )
 
-    def _mark_failed(self, change: Change, message: str) -> None:
+    def _mark_failed(self, change: Change, message: str, *, failures: int = 1) -> None:
+        """Failed `failures` times in a row: Ready=False; retrying, or Stalled from 5 on."""
         record = (
             self.state.environments if change.kind == "Environment" else self.state.networks
         ).get(change.name)
@@ -142,12 +196,29 @@ class Applier:
             return
         phase: Phase = "Terminating" if change.action is Action.DELETE else "Failed"
         record.phase = phase
-        record.conditions = set_condition(
+        record.consecutive_failures = failures
+        # Still retried (with capped backoff) when stalled; Stalled says a human is needed.
+        stalled = failures >= 5
+        conditions = set_condition(
             record.conditions,
             type="Ready",
             status="False",
             reason="ReconcileFailed",
             message=message,
+        )
+        conditions = set_condition(
+            conditions,
+            type="Reconciling",
+            status="False" if stalled else "True",
+            reason="Stalled" if stalled else "RetryScheduled",
+            message="" if stalled else f"failed {failures} time(s) in a row; retrying with backoff",
+        )
+        record.conditions = set_condition(
+            conditions,
+            type="Stalled",
+            status="True" if stalled else "False",
+            reason="RetriesExhausted" if stalled else "Retrying",
+            message=message if stalled else "",
         )
         if isinstance(record, EnvironmentRecord):
             record.last_error = message

@@ -29,6 +29,7 @@ class Observation:
     cgroups: Mapping[str, CgroupState]
     holders_alive: Mapping[str, bool] = field(default_factory=dict)  # env -> recorded holder alive
     same_boot: bool = True
+    firewall_drift: tuple[str, ...] = ()  # live tables vs. the inventory's isolation
 
 
 def observe(

@@ -210,6 +210,7 @@ def _plan_network(
         )
     reasons = [str(d) for d in diffs]
     reasons += _bridge_drift(instance=instance, want=want, observed=observed)
+    reasons += [f"drift: isolation rules: {d}" for d in observed.firewall_drift[:3]]
     return Change(kind, name, Action.UPDATE if reasons else Action.NOOP, tuple(reasons))
 
 

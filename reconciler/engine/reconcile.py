@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import ipaddress
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from reconciler.engine.apply import Drivers, Outcome, apply_plan
 from reconciler.engine.desired import Desired
 from reconciler.engine.ipam import Claim, allocate
+from reconciler.engine.isolation import isolation_spec
 from reconciler.engine.observe import Observation, observe
 from reconciler.engine.plan import Plan, make_plan
 from reconciler.kernel.naming import netns_name
@@ -41,7 +42,7 @@ def observe_for(
     """Observe every object recorded or desired, in one pass."""
     names = [record.netns for record in state.environments.values()]
     names += [netns_name(instance, name) for name in desired.environments]
-    return observe(
+    observed = observe(
         network=drivers.network,
         cgroups=drivers.cgroups,
         holders=drivers.holders,
@@ -49,6 +50,8 @@ def observe_for(
         netns_names=names,
         boot_id=boot_id(),
     )
+    drift = drivers.firewall.differences(isolation_spec(instance=instance, state=state))
+    return replace(observed, firewall_drift=tuple(drift))
 
 
 def assign_addresses(

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Literal, Protocol
+from typing import Any, Literal, Protocol
 
 OWNER_PREFIX = "reconciler"
 
@@ -209,6 +209,41 @@ class CgroupDriver(Protocol):
 
     def remove_parent(self) -> None:
         """Remove the instance's parent directories when they are empty."""
+        ...
+
+
+# --------------------------------------------------------------------------- firewall
+
+
+class FirewallDriver(Protocol):
+    """The instance's nftables isolation plus the bridge/port knobs it relies on.
+
+    The spec type is `reconciler.kernel.nftrules.IsolationSpec` (kept out of this module's
+    imports so the Protocols stay dependency-free).
+    """
+
+    def differences(self, spec: Any) -> list[str]:
+        """What `ensure(spec)` would change (empty: in sync)."""
+        ...
+
+    def ensure(self, spec: Any) -> list[str]:
+        """Make the tables match `spec` in one transaction; [] when nothing was written."""
+        ...
+
+    def remove(self) -> bool:
+        """Delete the instance's tables."""
+        ...
+
+    def denied_counts(self) -> dict[tuple[str, str], int]:
+        """Dropped packets per (source, destination) address."""
+        ...
+
+    def ensure_bridge_flags(self, *, bridge: str) -> list[str]:
+        """Per-bridge forwarding and proxy ARP; returns the changes."""
+        ...
+
+    def ensure_port_flags(self, *, bridge: str, ports: Sequence[str]) -> list[str]:
+        """Bridge ports isolated; returns the changes."""
         ...
 
 

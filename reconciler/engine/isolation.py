@@ -1,0 +1,72 @@
+"""The isolation picture of an instance, derived from its inventory.
+
+The firewall is a function of what exists, not of what is declared: it is built from the
+state's records (spec last applied, address, host veth), so an environment kept as last
+applied because its manifest broke keeps its rules, and an environment that failed to
+come up gets none. Rendering and applying are `reconciler.kernel.nftrules` / `firewall`.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Iterable
+
+from pydantic import ValidationError
+
+from reconciler.kernel.nftrules import Allow, IsolationSpec, Member, NetworkRules
+from reconciler.manifests.models import EnvironmentSpec
+from reconciler.state.model import EnvironmentRecord, StateDocument
+
+
+def isolation_spec(
+    *, instance: str, state: StateDocument, quarantined: Iterable[str] = ()
+) -> IsolationSpec:
+    """The complete isolation of every recorded network and its member environments."""
+    networks = []
+    for name, network in sorted(state.networks.items()):
+        members: list[Member] = []
+        ingress: list[Allow] = []
+        for env, record in sorted(state.environments.items()):
+            member = _member(env, record, network_name=name)
+            if member is None:
+                continue
+            members.append(member)
+            ingress += _ingress(env, record)
+        networks.append(
+            NetworkRules(
+                name=name,
+                bridge=network.bridge,
+                subnet=network.subnet,
+                gateway=network.gateway,
+                isolation="open" if network.spec.get("isolation") == "open" else "strict",
+                members=tuple(members),
+                ingress=tuple(ingress),
+            )
+        )
+    return IsolationSpec(
+        instance=instance, networks=tuple(networks), quarantined=frozenset(quarantined)
+    )
+
+
+def _member(env: str, record: EnvironmentRecord, *, network_name: str) -> Member | None:
+    if record.network != network_name or not record.host_veth or not record.address:
+        return None
+    address = str(ipaddress.IPv4Interface(record.address).ip)
+    return Member(env=env, host_port=record.host_veth, address=address)
+
+
+def _ingress(env: str, record: EnvironmentRecord) -> list[Allow]:
+    try:
+        spec = EnvironmentSpec.model_validate(record.spec)
+    except ValidationError:
+        return []  # a record written by an older schema: no rules rather than no firewall
+    return [
+        Allow(
+            dst_env=env,
+            src_env=rule.from_.environment,
+            src_cidr=str(rule.from_.cidr) if rule.from_.cidr is not None else None,
+            ports=tuple(rule.ports),
+            protocol=rule.protocol,
+        )
+        for rule in spec.policy.ingress
+    ]
