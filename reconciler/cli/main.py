@@ -388,6 +388,10 @@ def _print_event(event: dict[str, Any], output: str) -> None:
 
 
 cli.add_command(run)
+from reconciler.cli.exec_command import exec_, logs  # noqa: E402
+
+cli.add_command(exec_)
+cli.add_command(logs)
 
 
 def main() -> None:

@@ -2,8 +2,9 @@
 
 Runs in the foreground until SIGTERM or SIGINT, then exits 0; environments keep running.
 The work itself is `reconciler.controller.loop.Controller`; this module only parses the
-options, refuses the ones a later version adds (git source, metrics), and sets the log
-level: a daemon's log is its record, so `run` logs at info level even without `-v`.
+options, refuses the ones a later version adds (the git source), checks the metrics
+address (loopback only, unless `--metrics-allow-remote`), and sets the log level: a
+daemon's log is its record, so `run` logs at info level even without `-v`.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import click
 
 from reconciler.cli.runtime import Runtime, configure_logging
 from reconciler.controller.loop import Controller, Settings
+from reconciler.controller.metrics import parse_listen_address
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -62,7 +64,16 @@ def _user_errors(func: Callable[P, R]) -> Callable[P, R]:
     metavar="SECONDS",
     help="Poll the repository this often.",
 )
-@click.option("--metrics-addr", metavar="HOST:PORT", help="Serve Prometheus metrics here.")
+@click.option(
+    "--metrics-addr",
+    metavar="HOST:PORT",
+    help="Serve Prometheus metrics on /metrics here (off by default; loopback only).",
+)
+@click.option(
+    "--metrics-allow-remote",
+    is_flag=True,
+    help="Allow a --metrics-addr that is not a loopback address.",
+)
 @click.pass_obj
 @_user_errors
 def run(
@@ -74,6 +85,7 @@ def run(
     git_path: str | None,
     git_interval: float | None,
     metrics_addr: str | None,
+    metrics_allow_remote: bool,
 ) -> None:
     """The controller: watch the manifests, resync, repair drift, until SIGTERM/SIGINT."""
     given = {
@@ -81,7 +93,6 @@ def run(
         "--git-ref": git_ref,
         "--git-path": git_path,
         "--git-interval": git_interval,
-        "--metrics-addr": metrics_addr,
     }
     unsupported = [name for name, value in given.items() if value is not None]
     if unsupported:
@@ -91,6 +102,11 @@ def run(
             err=True,
         )
         sys.exit(_UNSUPPORTED_EXIT)
+    metrics = (
+        parse_listen_address(metrics_addr, allow_remote=metrics_allow_remote)
+        if metrics_addr is not None
+        else None
+    )
     options = runtime.options
     configure_logging(log_format=options.log_format, verbose=True)
     settings = Settings(
@@ -98,5 +114,6 @@ def run(
         manifests=options.manifests.absolute(),
         resync=resync,
         recover=recover,
+        metrics_address=metrics,
     )
     Controller(runtime, settings).run()

@@ -28,6 +28,14 @@ written). At startup a missing or corrupt state file is refused when this instan
 live objects, because an empty inventory would forget them; `--recover` starts from an
 empty document instead and lets the engine adopt what is live (addresses from eth0,
 netns pins, holders found in the env's cgroup), then reports what it adopted.
+
+Orphans - kernel objects carrying this instance's ownership proof that the inventory does
+not list, which is what a `kill -9` between creating an object and recording it leaves -
+are collected after the first reconcile and after every resync, against the inventory
+that reconcile returned (`engine.orphans`). Never while a manifest fails to load: what a
+broken file declares is unknown, and a parse error must never delete anything.
+
+Metrics (`controller.metrics`) are kept always and served only with `--metrics-addr`.
 """
 
 from __future__ import annotations
@@ -50,11 +58,12 @@ from typing import Protocol
 import structlog
 
 from reconciler.controller.debounce import Debouncer
+from reconciler.controller.metrics import ListenAddress, Metrics, MetricsServer
 from reconciler.controller.queue import Backoff, Clock, WorkQueue
 from reconciler.controller.watcher import ManifestWatcher
 from reconciler.engine.apply import Drivers
 from reconciler.engine.desired import Desired
-from reconciler.engine.orphans import NETNS_DIR, owned_objects
+from reconciler.engine.orphans import NETNS_DIR, Collected, collect_orphans, owned_objects
 from reconciler.engine.reconcile import ReconcileResult, reconcile
 from reconciler.errors import ReconcilerError, StateError
 from reconciler.manifests.loader import LoadResult
@@ -104,6 +113,7 @@ class Settings:
     recover: bool = False
     stop_timeout: float = 120.0  # how long a stop waits for the reconcile in flight
     idle_wake: float = 5.0  # the worker's longest wait: re-checks shutdown at least this often
+    metrics_address: ListenAddress | None = None  # serve Prometheus metrics here
 
 
 class Controller:
@@ -138,6 +148,11 @@ class Controller:
         self._reported_failure: str | None = None
         self._changed = False  # the last reconcile planned changes (for the log level)
         self._deferred_since: float | None = None  # worker only: see _should_defer
+        self._gc_due = threading.Event()  # collect orphans after the next reconcile
+        self._gc_due.set()  # ... the first one: what a crash of the last run left
+        self.metrics = Metrics()
+        self.metrics.track_queue(self._queue.depth)
+        self._metrics_server: MetricsServer | None = None
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -170,6 +185,7 @@ class Controller:
                 ticker.join(timeout=2.0)
             self._watcher.stop(timeout=2.0)
             restore()
+            self._close_metrics()
             self._release()
         log.info("controller.stopped", instance=self._settings.instance)
 
@@ -237,9 +253,39 @@ class Controller:
                     f"manifests directory {manifests} does not exist; create it or pass "
                     "--manifests DIR (a missing directory never means 'delete everything')"
                 )
+            self._check_state_dir_outside(manifests)
+            address = self._settings.metrics_address
+            if address is not None:
+                self._metrics_server = self.metrics.serve(address)
+                log.info("metrics.serving", address=str(address), port=self._metrics_server.port)
         except BaseException:
+            self._close_metrics()
             self._release()
             raise
+
+    def _check_state_dir_outside(self, manifests: Path) -> None:
+        """Refuse a state dir the manifests loader and watcher would see.
+
+        Inside the manifests directory, `state.json` would be read as a manifest, and
+        every status write would be a file event that triggers another reconcile. A
+        hidden directory (`manifests/.state`) is fine: both skip hidden paths.
+        """
+        state_dir = self._runtime.store.dir.absolute()
+        try:
+            inside = state_dir.relative_to(manifests.absolute())
+        except ValueError:
+            return
+        if not any(part.startswith(".") for part in inside.parts):
+            raise ReconcilerError(
+                f"state directory {state_dir} is inside the manifests directory {manifests}: "
+                "the state file would be read as a manifest and every status write would "
+                "trigger a reconcile; choose a --state-dir outside it"
+            )
+
+    def _close_metrics(self) -> None:
+        if self._metrics_server is not None:
+            self._metrics_server.close()
+            self._metrics_server = None
 
     def _load_state(self) -> None:
         store, settings = self._runtime.store, self._settings
@@ -309,6 +355,7 @@ class Controller:
             if self._clock() >= next_resync:
                 self._watcher.ensure_watching()
                 log.debug("resync.due")
+                self._gc_due.set()
                 self._queue.add(ALL)
                 next_resync = self._next_resync()
             wake = next_resync
@@ -379,7 +426,9 @@ class Controller:
                 ok = False
                 log.error("reconcile.crashed", error=repr(exc), traceback=traceback.format_exc())
                 self._report_failure(f"internal error: {exc!r} (see the controller's log)")
-            seconds = round(time.monotonic() - started, 3)
+            elapsed = time.monotonic() - started
+            self.metrics.observe_reconcile(seconds=elapsed, ok=ok)
+            seconds = round(elapsed, 3)
             # A resync that found nothing to do is the common case: keep it out of the
             # info log, or an idle controller writes a line every 30 seconds forever.
             level = log.info if self._changed or not ok else log.debug
@@ -391,16 +440,21 @@ class Controller:
         runtime = self._runtime
         result = runtime.load_manifests()
         self._report_manifest_errors(result)
+        desired = runtime.desired(result)
         outcome = reconcile(
             instance=self._settings.instance,
             drivers=self._require_drivers(),
             events=runtime.events,
-            desired=runtime.desired(result),
+            desired=desired,
             state=self._state,
             source=runtime.source(),
         )
         self._save(outcome)
         self._reported_failure = None
+        self.metrics.observe_result(outcome)
+        self.metrics.observe_state(self._state)
+        if self._gc_due.is_set():
+            self._collect_orphans(desired, result)
         if self._adoptable is not None:
             self._report_adopted()
         failed = [f"{o.kind}/{o.name}" for o in outcome.outcomes if not o.ok]
@@ -429,6 +483,45 @@ class Controller:
             saved = store.save_if_changed(outcome.state, previous=previous, summary=summary)
             self._state = saved.document
         self._on_disk = True
+
+    def _collect_orphans(self, desired: Desired, result: LoadResult) -> None:
+        """Remove owned objects the inventory does not list (see the module docstring)."""
+        if result.errors:
+            log.debug("orphans.deferred", reason="a manifest failed to load")
+            return  # still due: collected after the first reconcile with clean manifests
+        self._gc_due.clear()
+        errors: list[Collected] = []
+        removed = collect_orphans(
+            instance=self._settings.instance,
+            drivers=self._require_drivers(),
+            state=self._state,
+            keep_environments=set(desired.environments),
+            keep_networks=set(desired.networks),
+            errors=errors,
+        )
+        events = self._runtime.events
+        for item in removed:
+            log.warning("orphan.collected", kind=item.kind, name=item.name, what=item.what)
+            events.emit(
+                type="Normal",
+                reason="OrphanCollected",
+                kind=item.kind,
+                name=item.name,
+                message=item.what,
+            )
+        if removed:
+            self.metrics.orphans_collected.inc(len(removed))
+        for item in errors:
+            log.warning("orphan.failed", kind=item.kind, name=item.name, error=item.what)
+            events.emit(
+                type="Warning",
+                reason="OrphanCollectionFailed",
+                kind=item.kind,
+                name=item.name,
+                message=item.what,
+            )
+        if errors:
+            self._gc_due.set()  # try again after the next reconcile
 
     # ------------------------------------------------------------------ reporting
 

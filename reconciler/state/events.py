@@ -223,8 +223,11 @@ class EventLog:
         line = json.dumps(event.to_json(), separators=(",", ":")) + "\n"
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._rotate_if_large()
-        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:
+            size = os.fstat(fd).st_size
+            if size and os.pread(fd, 1, size - 1) != b"\n":
+                line = "\n" + line  # a torn last line (power cut): don't glue ours to it
             os.write(fd, line.encode())
         finally:
             os.close(fd)

@@ -14,6 +14,13 @@ by `reconciler.state.store`. Fields, top level:
 - `source`: where the desired state came from (`kind`, `path`, `revision`).
 - `networks`: by name, one `NetworkRecord` per network we created: the spec last applied,
   the bridge name, phase and conditions.
+- conditions (networks and environments): `Ready` (converged as last applied),
+  `Reconciling` (True while a failed object waits for its retry; False, reason `Idle`,
+  once converged), `Stalled` (True, reason `RetriesExhausted`, message = the last error,
+  after `consecutiveFailures` reached 5; reset on success). `lastTransitionTime` moves
+  only when a condition's status flips.
+- `consecutiveFailures` (networks and environments): failed reconciles in a row; 0 after
+  a success.
 - `environments`: by name, one `EnvironmentRecord` per environment we created: the spec
   last applied (with its hash), the names of every kernel object (netns, host veth,
   cgroup paths), the holder process (pid + start time), phase and conditions. This is the
@@ -68,6 +75,7 @@ class NetworkRecord(_Record):
     phase: Phase = "Pending"
     conditions: list[Condition] = Field(default_factory=list)
     last_reconciled: str = Field(default="", alias="lastReconciled")
+    consecutive_failures: int = Field(default=0, alias="consecutiveFailures")
 
 
 class EnvironmentRecord(_Record):
@@ -88,6 +96,7 @@ class EnvironmentRecord(_Record):
     conditions: list[Condition] = Field(default_factory=list)
     last_reconciled: str = Field(default="", alias="lastReconciled")
     last_error: str | None = Field(default=None, alias="lastError")
+    consecutive_failures: int = Field(default=0, alias="consecutiveFailures")
 
 
 class SourceRecord(_Record):

@@ -1,20 +1,26 @@
 """`reconciler run` as a user runs it: a subprocess, a manifests directory, a resync of 1s.
 
 Every check goes through the kernel's own view (`ip -j`, /run/netns, /proc, cgroup
-files) or the `reconciler events -o json` command, never through the controller's
-internals. Each test has its own instance, state dir and subnet; the `controller`
-fixture SIGTERMs every `run` it started and `destroy`s the instance, whatever happened.
+files), the `reconciler events -o json` / `status -o json` commands or the metrics
+endpoint, never through the controller's internals. Events are folded (a repeat is the
+same event with a higher `count`), so "new since" means a new (id, count) pair.
+
+Each test has its own instance, state dir and subnet; the `controller` fixture SIGTERMs
+every `run` it started and `destroy`s the instance, whatever happened.
 Waits poll with deadlines (`wait_until`); nothing sleeps to synchronise.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +32,7 @@ from tests import kernel_view
 from tests.kernel_view import wait_until
 from tests.leaks import leaked_objects
 
+Seen = frozenset[tuple[str, int]]
 RESYNC = 1.0
 # "Within 2 resync intervals" (+10% jitter each), plus the reconcile itself.
 REPAIR_DEADLINE = 2 * RESYNC * 1.1 + 1.5
@@ -150,6 +157,22 @@ class Controller:
         result = self.cli("events", "-o", "json")
         assert result.returncode == 0, result.stderr
         return [json.loads(line) for line in result.stdout.splitlines() if line.strip()]
+
+    def seen(self) -> Seen:
+        """A mark of the events so far; `new_events(controller, mark)` is what came after."""
+        return frozenset(_event_key(e) for e in self.events())
+
+    def status(self) -> dict[str, Any]:
+        """`reconciler status -o json`, parsed."""
+        result = self.cli("status", "-o", "json")
+        assert result.returncode == 0, result.stderr
+        document: dict[str, Any] = json.loads(result.stdout)
+        return document
+
+    def conditions(self, env: str = ENV) -> dict[str, dict[str, Any]]:
+        """The env's conditions from `status -o json`, by type."""
+        [record] = [e for e in self.status()["environments"] if e["name"] == env]
+        return {c["type"]: c for c in record["conditions"]}
 
     def state(self) -> dict[str, Any]:
         data: dict[str, Any] = json.loads(self.state_file.read_text())
@@ -284,12 +307,16 @@ def wait_live(controller: Controller, timeout: float, env: str = ENV) -> None:
     )
 
 
-def new_events(controller: Controller, since: int) -> list[dict[str, Any]]:
-    return controller.events()[since:]
+def _event_key(event: dict[str, Any]) -> tuple[str, int]:
+    return str(event.get("id") or json.dumps(event, sort_keys=True)), int(event.get("count", 1))
+
+
+def new_events(controller: Controller, since: Seen) -> list[dict[str, Any]]:
+    return [e for e in controller.events() if _event_key(e) not in since]
 
 
 def wait_event(
-    controller: Controller, *, since: int, reason: str, kind: str, name: str, timeout: float
+    controller: Controller, *, since: Seen, reason: str, kind: str, name: str, timeout: float
 ) -> dict[str, Any]:
     def find() -> dict[str, Any] | None:
         for event in new_events(controller, since):
@@ -348,7 +375,7 @@ def test_edited_memory_limit_converges_in_place(controller: Controller) -> None:
     ready_env(controller)
     inode = kernel_view.netns_inode(controller.netns)
     holder = holder_pid(controller)
-    since = len(controller.events())
+    since = controller.seen()
     controller.write_env(memory="96Mi")
     wait_until(
         lambda: int(kernel_view.read_cgroup_file(memory_file(controller))) == 96 * 1024 * 1024,
@@ -404,7 +431,7 @@ def test_editor_style_save_converges_once(
 ) -> None:
     proc = ready_env(controller)
     inode = kernel_view.netns_inode(controller.netns)
-    since = len(controller.events())
+    since = controller.seen()
     batches = len(controller.log_events(proc, "files.changed"))
     save(controller.manifests / f"{ENV}.yaml", controller.env_yaml(memory="80Mi"))
     wait_event(controller, since=since, reason="Updated", kind="Environment", name=ENV, timeout=5.0)
@@ -422,7 +449,7 @@ def test_editor_style_save_converges_once(
 
 def test_invalid_manifest_is_reported_once_and_prunes_nothing(controller: Controller) -> None:
     ready_env(controller)
-    since = len(controller.events())
+    since = controller.seen()
     path = controller.manifests / f"{ENV}.yaml"
     path.write_text(controller.env_yaml() + "  bogus: 1\n")
     event = wait_event(
@@ -448,7 +475,7 @@ def test_invalid_manifest_is_reported_once_and_prunes_nothing(controller: Contro
 def test_deleted_manifests_directory_prunes_nothing(controller: Controller) -> None:
     proc = ready_env(controller)
     saved = {p.name: p.read_text() for p in controller.manifests.iterdir()}
-    since = len(controller.events())
+    since = controller.seen()
     for path in controller.manifests.iterdir():
         path.unlink()
     controller.manifests.rmdir()
@@ -503,6 +530,32 @@ def _kill_holder(c: Controller) -> None:
     os.kill(holder_pid(c), signal.SIGKILL)
 
 
+def _rmdir(path: Path) -> bool:
+    os.rmdir(path)  # EBUSY (an OSError: "not yet") until the killed holder has exited
+    return True
+
+
+def _remove_cgroup(c: Controller) -> None:
+    """Someone killed the env's processes and removed its cgroup, in every hierarchy.
+
+    The controller is paused (SIGSTOP) meanwhile: a resync between the kill and the rmdir
+    would respawn the holder into the cgroup, and the rmdir would then never succeed.
+    """
+    proc = c.procs[-1]
+    dirs = [m.path / c.instance / ENV for m in kernel_view.cgroup_mounts()]
+    dirs = [d for d in dirs if d.is_dir()]
+    assert dirs, "the env has no cgroup directories to remove"
+    holder = holder_pid(c)
+    os.kill(proc.pid, signal.SIGSTOP)
+    try:
+        os.kill(holder, signal.SIGKILL)
+        for directory in dirs:
+            wait_until(lambda d=directory: _rmdir(d), 5.0, message=f"cannot rmdir {directory}")
+    finally:
+        os.kill(proc.pid, signal.SIGCONT)
+    assert not any(d.exists() for d in dirs)
+
+
 def _unpin_netns(c: Controller) -> None:
     pin = kernel_view.NETNS_DIR / c.netns
     result = kernel_view.run(["umount", str(pin)])
@@ -518,6 +571,7 @@ DRIFTS: dict[str, tuple[Callable[[Controller], None], str, str]] = {
     "bridge-deleted": (_delete_bridge, "DriftRepaired", "Network"),
     "memory-limit-changed": (_change_memory_limit, "DriftRepaired", "Environment"),
     "holder-killed": (_kill_holder, "DriftRepaired", "Environment"),
+    "cgroup-removed": (_remove_cgroup, "DriftRepaired", "Environment"),
     "netns-unpinned": (_unpin_netns, "Recreated", "Environment"),
 }
 
@@ -529,7 +583,7 @@ def test_drift_is_repaired_within_two_resyncs(controller: Controller, drift: str
     address = eth0_addresses(controller)
     holder = holder_pid(controller)
     inode = kernel_view.netns_inode(controller.netns)
-    since = len(controller.events())
+    since = controller.seen()
     breaker(controller)
     started = time.monotonic()
     wait_live(controller, REPAIR_DEADLINE)
@@ -538,7 +592,7 @@ def test_drift_is_repaired_within_two_resyncs(controller: Controller, drift: str
     event = wait_event(controller, since=since, reason=reason, kind=kind, name=name, timeout=5.0)
     assert "drift" in event["message"], event
     assert eth0_addresses(controller) == address, "the address must not change"
-    if drift == "holder-killed":
+    if drift in ("holder-killed", "cgroup-removed"):
         assert holder_pid(controller) != holder
     if drift == "netns-unpinned":
         assert kernel_view.netns_inode(controller.netns) != inode
@@ -574,10 +628,168 @@ def test_second_controller_and_apply_are_refused_naming_the_pid(controller: Cont
     assert proc.poll() is None, "the first controller must be unaffected"
 
 
-def test_unsupported_options_are_a_usage_error(controller: Controller) -> None:
-    result = controller.cli("run", "--metrics-addr", "127.0.0.1:9100")
+def test_repeated_drift_is_folded_into_one_event(controller: Controller) -> None:
+    ready_env(controller)
+    events: list[dict[str, Any]] = []
+    for _ in range(2):
+        since = controller.seen()
+        holder = holder_pid(controller)
+        _kill_holder(controller)
+        events.append(
+            wait_event(
+                controller,
+                since=since,
+                reason="DriftRepaired",
+                kind="Environment",
+                name=ENV,
+                timeout=REPAIR_DEADLINE,
+            )
+        )
+        wait_until(
+            lambda h=holder: env_is_live(controller) and holder_pid(controller) != h,
+            REPAIR_DEADLINE,
+            message="holder not replaced",
+            ignore=(OSError, KeyError, TypeError, AssertionError),
+        )
+    first, second = events
+    assert second["id"] == first["id"], events
+    assert (first["count"], second["count"]) == (1, 2)
+    assert second["firstTime"] == first["time"] <= second["time"]
+    listed = [e for e in controller.events() if e["reason"] == "DriftRepaired"]
+    assert len(listed) == 1, f"a folded event is listed once: {listed}"
+
+
+def test_conditions_stall_after_repeated_failures_and_recover(controller: Controller) -> None:
+    """A foreign link squats on the env's host veth name: every reconcile of it fails."""
+    squatter = "rcv" + hashlib.sha256(f"{controller.instance}/{ENV}".encode()).hexdigest()[:12]
+    ip("link", "add", squatter, "type", "bridge")  # no dummy module here
+    try:
+        controller.write_network()
+        controller.write_env()
+        controller.start()
+
+        def stalled() -> dict[str, dict[str, Any]] | None:
+            conditions = controller.conditions()
+            return conditions if conditions["Stalled"]["status"] == "True" else None
+
+        conditions = wait_until(
+            stalled,
+            15.0,
+            interval=0.2,
+            message=lambda: f"never Stalled: {controller.conditions()}",
+            ignore=(OSError, KeyError, ValueError, AssertionError),
+        )
+        assert conditions["Stalled"]["reason"] == "RetriesExhausted"
+        assert squatter in conditions["Stalled"]["message"]
+        assert conditions["Ready"]["status"] == "False"
+        assert conditions["Reconciling"]["status"] == "False"
+        assert controller.record()["consecutiveFailures"] >= 5
+        assert controller.record()["phase"] == "Failed"
+        # Ready went False at the first failure and stayed False: its transition is that one.
+        ready_since = conditions["Ready"]["lastTransitionTime"]
+        assert ready_since <= conditions["Stalled"]["lastTransitionTime"]
+    finally:
+        ip("link", "del", squatter)
+    wait_live(controller, REPAIR_DEADLINE)
+    recovered = wait_until(
+        lambda: (c := controller.conditions())["Ready"]["status"] == "True" and c,
+        REPAIR_DEADLINE,
+        message="conditions did not recover",
+    )
+    assert recovered["Stalled"]["status"] == "False"
+    assert (recovered["Reconciling"]["status"], recovered["Reconciling"]["reason"]) == (
+        "False",
+        "Idle",
+    )
+    assert recovered["Ready"]["lastTransitionTime"] >= ready_since
+    assert controller.record()["consecutiveFailures"] == 0
+
+
+def test_conditions_of_a_healthy_environment_and_no_write_when_idle(
+    controller: Controller,
+) -> None:
+    ready_env(controller)
+    conditions = controller.conditions()
+    assert {t: (c["status"], c["reason"]) for t, c in conditions.items()} == {
+        "Ready": ("True", "Reconciled"),
+        "Reconciling": ("False", "Idle"),
+        "Stalled": ("False", "Reconciled"),
+    }
+    # Resyncs that find nothing to do write nothing: status never moves by itself.
+    serial = controller.state()["serial"]
+    later = time.monotonic() + 3 * RESYNC
+    wait_until(lambda: time.monotonic() >= later, 5.0, interval=0.1)
+    assert controller.state()["serial"] == serial
+    assert controller.conditions() == conditions
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def _scrape(port: int) -> dict[str, float]:
+    """The endpoint's samples: 'name{labels}' -> value (loopback only)."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+        text = response.read().decode()
+    samples: dict[str, float] = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, _, number = line.rpartition(" ")
+            samples[name] = float(number)
+    return samples
+
+
+def test_metrics_endpoint_counts_reconciles_and_repairs(controller: Controller) -> None:
+    port = _free_port()
+    controller.write_network()
+    controller.start("--metrics-addr", f"127.0.0.1:{port}")
+    first = wait_until(lambda: _scrape(port), 5.0, message="metrics endpoint not serving")
+    assert first["reconciler_reconciles_total"] >= 1
+    assert first['reconciler_environments{phase="Ready"}'] == 0
+    assert "reconciler_queue_depth" in first
+    assert "reconciler_reconcile_duration_seconds_count" in first
+    assert first["reconciler_orphans_collected_total"] == 0
+    controller.write_env()
+    wait_live(controller, READY_DEADLINE)
+    ready = wait_until(
+        lambda: (m := _scrape(port))['reconciler_environments{phase="Ready"}'] == 1 and m,
+        5.0,
+        message="environments gauge not updated",
+    )
+    assert ready["reconciler_reconciles_total"] > first["reconciler_reconciles_total"]
+    repairs = 'reconciler_drift_repairs_total{kind="Environment"}'
+    before = ready[repairs]
+    _kill_holder(controller)
+    wait_until(
+        lambda: _scrape(port)[repairs] == before + 1,
+        REPAIR_DEADLINE,
+        message="drift repair not counted",
+    )
+
+
+@pytest.mark.parametrize("address", ["0.0.0.0:9100", "192.0.2.1:9100"])
+def test_metrics_on_a_non_loopback_address_needs_the_flag(
+    controller: Controller, address: str
+) -> None:
+    result = controller.cli("run", "--metrics-addr", address, timeout=30)
+    assert result.returncode == 2, result
+    assert "--metrics-allow-remote" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_git_options_are_a_usage_error(controller: Controller) -> None:
+    result = controller.cli("run", "--git-url", "https://example.invalid/repo.git")
     assert result.returncode == 2
     assert "not supported yet" in result.stderr
+
+
+def test_state_dir_inside_the_manifests_directory_is_refused(controller: Controller) -> None:
+    result = controller.cli("--state-dir", str(controller.manifests / "state"), "run", timeout=30)
+    assert result.returncode == 1, result
+    assert "inside the manifests directory" in result.stderr, result.stderr
 
 
 def test_missing_manifests_directory_refuses_to_start(controller: Controller) -> None:
@@ -613,7 +825,7 @@ def test_recover_adopts_live_environments(controller: Controller, damage: str) -
     assert kernel_view.pid_alive(holder)
     assert kernel_view.ip_link(veth) is not None
 
-    since = len(controller.events())
+    since = controller.seen()
     controller.start("--recover")
     wait_live(controller, READY_DEADLINE)
     record = controller.record()
