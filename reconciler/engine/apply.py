@@ -286,13 +286,17 @@ class Applier:
         record.network = want.network
         record.address = address
         self.state.allocations.setdefault(want.network, {})[want.name] = address
-        return self.drivers.network.ensure_env_link(
+        made = self.drivers.network.ensure_env_link(
             netns=record.netns,
             host_name=record.host_veth,
             alias=owner_tag(instance=self.instance, kind="env", name=want.name),
             bridge=network.bridge,
             address_cidr=address,
             gateway=str(network.gateway),
+        )
+        # Isolate the port at once: until then the bridge could switch frames to it.
+        return made + self.drivers.firewall.ensure_port_flags(
+            bridge=network.bridge, ports=[record.host_veth]
         )
 
     def _converge_holder(self, want: DesiredEnvironment, record: EnvironmentRecord) -> list[str]:
