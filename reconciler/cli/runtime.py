@@ -64,12 +64,15 @@ class Runtime:
             from reconciler.kernel.firewall import FirewallDriver
             from reconciler.kernel.holder import ForkingHolderDriver
             from reconciler.kernel.netlink import NetlinkDriver
+            from reconciler.kernel.processes import ForkingProcessDriver
 
             self._drivers = Drivers(
                 network=NetlinkDriver(),
                 cgroups=open_cgroup_driver(instance=self.options.instance),
                 holders=ForkingHolderDriver(),
                 firewall=FirewallDriver(instance=self.options.instance),
+                processes=ForkingProcessDriver(),
+                log_root=self.store.dir / "logs",
             )
         return self._drivers
 

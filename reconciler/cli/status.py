@@ -25,6 +25,7 @@ def build_status(runtime: Runtime, state: StateDocument, names: Sequence[str]) -
         network=drivers.network,
         cgroups=drivers.cgroups,
         holders=drivers.holders,
+        processes=drivers.processes,
         recorded=state,
         netns_names=[r.netns for r in state.environments.values()],
         boot_id=state.boot_id,
@@ -120,7 +121,7 @@ def _environment(
         "holder": {"pid": holder.pid, "running": observed.holders_alive.get(name, False)}
         if holder
         else None,
-        "processes": [],
+        "processes": _processes(name, record, observed),
         "probes": [],
         "violations": [],
         "specHash": record.spec_hash,
@@ -128,6 +129,26 @@ def _environment(
         "lastError": record.last_error,
         "drift": drift,
     }
+
+
+def _processes(name: str, record: EnvironmentRecord, observed: Observation) -> list[dict[str, Any]]:
+    alive = observed.workloads_alive.get(name, {})
+    out = []
+    for process, workload in sorted(record.processes.items()):
+        state = workload.state
+        if state == "Running" and not alive.get(process, False):
+            state = "Exited"  # noticed by the next reconcile, which applies the policy
+        out.append(
+            {
+                "name": process,
+                "pid": workload.pid if state == "Running" else None,
+                "state": state,
+                "restarts": workload.restarts,
+                "exitCode": workload.exit_code,
+                "backoffUntil": workload.backoff_until,
+            }
+        )
+    return out
 
 
 def _denied_from(record: EnvironmentRecord, denied: dict[tuple[str, str], int]) -> int:

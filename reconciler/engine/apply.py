@@ -14,16 +14,22 @@ Teardown keeps the record until every kernel object is confirmed gone.
 
 from __future__ import annotations
 
+import shutil
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import structlog
 
 from reconciler.engine.desired import Desired, DesiredEnvironment, DesiredNetwork
 from reconciler.engine.isolation import isolation_spec
 from reconciler.engine.plan import Action, Change, Plan
+from reconciler.engine.workloads import WorkloadConverger
 from reconciler.errors import ReconcilerError
+from reconciler.kernel.mounts import MountSpec, apply_mounts
 from reconciler.kernel.naming import host_veth_name, netns_name
+from reconciler.kernel.processes import ProcessDriver
 from reconciler.kernel.types import (
     CgroupDriver,
     FirewallDriver,
@@ -55,6 +61,8 @@ class Drivers:
     cgroups: CgroupDriver
     holders: HolderDriver
     firewall: FirewallDriver
+    processes: ProcessDriver
+    log_root: Path  # <state-dir>/<instance>/logs: one directory per environment
 
 
 @dataclass(frozen=True)
@@ -81,6 +89,7 @@ class Applier:
     plan: Plan
     outcomes: list[Outcome] = field(default_factory=list)
     failed_networks: dict[str, str] = field(default_factory=dict)
+    now: float = field(default_factory=time.time)
 
     def run(self) -> list[Outcome]:
         """Apply every change of the plan, in the safe order."""
@@ -269,7 +278,9 @@ class Applier:
         record.netns_inode = netns.inode
         if want.network is not None:
             made += self._converge_link(want, record)
-        made += self._converge_holder(want, record)
+        holder_made, fresh = self._converge_holder(want, record)
+        made += holder_made
+        made += self._converge_inside(want, record, fresh_holder=fresh)
         record.phase = "Ready"
         record.last_error = None
         record.last_reconciled = now_rfc3339()
@@ -299,12 +310,79 @@ class Applier:
             bridge=network.bridge, ports=[record.host_veth]
         )
 
-    def _converge_holder(self, want: DesiredEnvironment, record: EnvironmentRecord) -> list[str]:
+    def _converge_inside(
+        self, want: DesiredEnvironment, record: EnvironmentRecord, *, fresh_holder: bool
+    ) -> list[str]:
+        """Mounts (made once per holder: a changed mount list recreates the env) and processes."""
+        assert record.holder is not None
+        holder = ProcessRef(pid=record.holder.pid, start_time=record.holder.start_time)
+        spec = want.manifest.spec
+        made: list[str] = []
+        if fresh_holder and "mnt" in want.namespaces:
+            mounts = [
+                MountSpec(
+                    type=m.type,
+                    target=m.target,
+                    source=m.source,
+                    size=m.size,
+                    read_only=m.read_only,
+                )
+                for m in spec.mounts
+            ]
+            mounts += self._identity_files(want, record)
+            made += apply_mounts(env=want.name, holder=holder, mounts=mounts)
+        if not spec.processes and not record.processes:
+            return made
+        converger = WorkloadConverger(
+            env=want.name,
+            driver=self.drivers.processes,
+            holder=holder,
+            cgroup_procs=self.drivers.cgroups.procs_files(env=want.name),
+            log_dir=self.drivers.log_root / want.name,
+            now=self.now,
+            hostname=want.hostname,
+        )
+        return made + converger.converge(record, list(spec.processes), fresh_holder=fresh_holder)
+
+    def _identity_files(
+        self, want: DesiredEnvironment, record: EnvironmentRecord
+    ) -> list[MountSpec]:
+        """/etc/hosts, /etc/hostname and /etc/resolv.conf of the env, like a container's.
+
+        Environments are offline: the resolver points at the env's own loopback, where
+        nothing listens, so a lookup fails at once instead of waiting for a DNS timeout
+        (python's http.server, for one, resolves its bind address before listening).
+        """
+        directory = self.drivers.log_root.parent / "etc" / want.name
+        directory.mkdir(parents=True, exist_ok=True, mode=0o755)
+        address = record.address.split("/")[0] if record.address else None
+        hosts = "127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n"
+        hosts += f"{address or '127.0.1.1'}\t{want.hostname}\n"
+        files = {
+            "hosts": hosts,
+            "hostname": f"{want.hostname}\n",
+            "resolv.conf": "# reconciler: environments are offline\n"
+            "nameserver 127.0.0.1\noptions timeout:1 attempts:1\n",
+        }
+        specs = []
+        for name, content in files.items():
+            path = directory / name
+            if not path.exists() or path.read_text() != content:
+                path.write_text(content)
+            specs.append(
+                MountSpec(type="bind", target=f"/etc/{name}", source=str(path), read_only=True)
+            )
+        return specs
+
+    def _converge_holder(
+        self, want: DesiredEnvironment, record: EnvironmentRecord
+    ) -> tuple[list[str], bool]:
+        """Keep, adopt or start the holder; the flag says its namespaces are new."""
         holders = self.drivers.holders
         if record.holder is not None:
             ref = ProcessRef(pid=record.holder.pid, start_time=record.holder.start_time)
             if holders.alive(ref):
-                return []
+                return [], False
         spec = HolderSpec(
             env=want.name,
             netns_path=f"{NETNS_DIR}/{record.netns}",
@@ -315,10 +393,10 @@ class Applier:
         found = holders.find(spec) if record.holder is None else None
         if found is not None:
             record.holder = ProcessRecord(pid=found.pid, start_time=found.start_time)
-            return [f"holder adopted (pid {found.pid})"]
+            return [f"holder adopted (pid {found.pid})"], False
         ref = holders.spawn(spec)
         record.holder = ProcessRecord(pid=ref.pid, start_time=ref.start_time)
-        return [f"holder started (pid {ref.pid})"]
+        return [f"holder started (pid {ref.pid})"], True
 
     def _teardown_environment(self, change: Change) -> list[str]:
         record = self.state.environments.get(change.name)
@@ -327,10 +405,12 @@ class Applier:
         record.phase = "Terminating"
         made: list[str] = []
         if record.holder is not None:
+            # pid 1 of the env's pid namespace: its death takes every workload with it.
             self.drivers.holders.stop(
                 ProcessRef(pid=record.holder.pid, start_time=record.holder.start_time)
             )
             record.holder = None
+            record.processes = {}
             made.append("holder stopped")
         if self.drivers.cgroups.remove(env=change.name):
             made.append("cgroup removed")
@@ -341,8 +421,11 @@ class Applier:
         if self.drivers.network.remove_netns(name=record.netns, inode=record.netns_inode):
             made.append(f"netns {record.netns} removed")
         # The address is released last, and only when the environment goes for good.
-        if change.action is Action.DELETE and record.network is not None:
-            self.state.allocations.get(record.network, {}).pop(change.name, None)
+        if change.action is Action.DELETE:
+            if record.network is not None:
+                self.state.allocations.get(record.network, {}).pop(change.name, None)
+            shutil.rmtree(self.drivers.log_root / change.name, ignore_errors=True)
+            shutil.rmtree(self.drivers.log_root.parent / "etc" / change.name, ignore_errors=True)
         del self.state.environments[change.name]
         return made
 
@@ -392,6 +475,7 @@ def _environment_record(
         address=previous.address if previous else None,
         cgroup_paths=list(previous.cgroup_paths) if previous else [],
         holder=previous.holder if previous else None,
+        processes={n: w.model_copy() for n, w in previous.processes.items()} if previous else {},
         netns_inode=previous.netns_inode if previous else None,
         phase=previous.phase if previous else "Pending",
         conditions=list(previous.conditions) if previous else [],

@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+from reconciler.kernel.processes import ProcessDriver
 from reconciler.kernel.types import (
     CgroupDriver,
     CgroupState,
@@ -30,6 +31,8 @@ class Observation:
     holders_alive: Mapping[str, bool] = field(default_factory=dict)  # env -> recorded holder alive
     same_boot: bool = True
     firewall_drift: tuple[str, ...] = ()  # live tables vs. the inventory's isolation
+    # env -> process name -> the recorded (pid, start time) still runs
+    workloads_alive: Mapping[str, Mapping[str, bool]] = field(default_factory=dict)
 
 
 def observe(
@@ -37,6 +40,7 @@ def observe(
     network: NetworkDriver,
     cgroups: CgroupDriver,
     holders: HolderDriver,
+    processes: ProcessDriver | None = None,
     recorded: StateDocument,
     netns_names: list[str],
     boot_id: str,
@@ -49,9 +53,20 @@ def observe(
         if record.holder is not None and same_boot:
             ref = ProcessRef(pid=record.holder.pid, start_time=record.holder.start_time)
             alive[name] = holders.alive(ref)
+    workloads: dict[str, dict[str, bool]] = {}
+    for name, record in recorded.environments.items():
+        if processes is None or not same_boot:
+            continue
+        workloads[name] = {
+            process: w.pid is not None
+            and w.start_time is not None
+            and processes.alive(ProcessRef(pid=w.pid, start_time=w.start_time))
+            for process, w in record.processes.items()
+        }
     return Observation(
         network=network.observe(netns_names=sorted(set(netns_names))),
         cgroups=cgroups.observe(),
         holders_alive=alive,
         same_boot=same_boot,
+        workloads_alive=workloads,
     )

@@ -18,6 +18,7 @@ from __future__ import annotations
 import ipaddress
 import json
 import resource
+import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -25,6 +26,7 @@ from typing import Any
 
 from reconciler.engine.desired import Desired, DesiredEnvironment, DesiredNetwork
 from reconciler.engine.observe import Observation
+from reconciler.engine.workloads import plan_reasons
 from reconciler.kernel.types import CgroupLimits, CgroupState, LinkState, owner_tag
 from reconciler.manifests.quantities import format_bytes, format_cpu
 from reconciler.state.model import EnvironmentRecord, NetworkRecord, StateDocument
@@ -109,8 +111,10 @@ def make_plan(
     observed: Observation,
     addresses: Mapping[str, str],
     address_failures: Mapping[str, str] | None = None,
+    now: float | None = None,
 ) -> Plan:
-    """Compare the three views and classify every object."""
+    """Compare the three views and classify every object (`now`: epoch seconds, for back-off)."""
+    now = time.time() if now is None else now
     network_changes: dict[str, Change] = {}
     for name in sorted(set(desired.networks) | set(recorded.networks)):
         change = _plan_network(
@@ -138,6 +142,7 @@ def make_plan(
             replaced_networks={
                 n for n, c in network_changes.items() if c.action is Action.RECREATE
             },
+            now=now,
         )
         if change is not None:
             env_changes[name] = change
@@ -248,6 +253,7 @@ def _plan_environment(
     address: str | None,
     bridge: str | None,
     replaced_networks: set[str],
+    now: float,
 ) -> Change | None:
     kind = "Environment"
     if want is None:
@@ -292,6 +298,12 @@ def _plan_environment(
     )
     if have.holder is None or not observed.holders_alive.get(name, False):
         reasons.append("drift: holder process is not running")
+    reasons += plan_reasons(
+        processes=list(want.manifest.spec.processes),
+        record=have,
+        alive=observed.workloads_alive.get(name, {}),
+        now=now,
+    )
     return Change(kind, name, Action.UPDATE if reasons else Action.NOOP, tuple(reasons))
 
 

@@ -7,6 +7,7 @@ re-reads everything, so it never depends on what triggered it (level-triggered).
 from __future__ import annotations
 
 import ipaddress
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 
@@ -16,6 +17,7 @@ from reconciler.engine.ipam import Claim, allocate
 from reconciler.engine.isolation import isolation_spec
 from reconciler.engine.observe import Observation, observe
 from reconciler.engine.plan import Plan, make_plan
+from reconciler.engine.workloads import next_wakeup
 from reconciler.kernel.naming import netns_name
 from reconciler.state.events import EventLog
 from reconciler.state.model import SourceRecord, StateDocument
@@ -35,6 +37,11 @@ class ReconcileResult:
         """True when every changed object converged."""
         return all(outcome.ok for outcome in self.outcomes) and not self.plan.address_failures
 
+    @property
+    def requeue_after(self) -> float | None:
+        """Seconds until something (a process back-off) needs another reconcile, if any."""
+        return next_wakeup(self.state.environments, now=time.time())
+
 
 def observe_for(
     *, instance: str, drivers: Drivers, desired: Desired, state: StateDocument
@@ -46,6 +53,7 @@ def observe_for(
         network=drivers.network,
         cgroups=drivers.cgroups,
         holders=drivers.holders,
+        processes=drivers.processes,
         recorded=state,
         netns_names=names,
         boot_id=boot_id(),

@@ -63,6 +63,23 @@ class ProcessRecord(_Record):
     start_time: int = Field(alias="startTime")
 
 
+WorkloadState = Literal["Pending", "Running", "Exited", "Backoff"]
+
+
+class WorkloadRecord(_Record):
+    """One `spec.processes[]` entry as it runs: identity, restarts, crash-loop backoff."""
+
+    pid: int | None = None
+    start_time: int | None = Field(default=None, alias="startTime")
+    spec_hash: str = Field(default="", alias="specHash")
+    state: WorkloadState = "Pending"
+    restarts: int = 0
+    exit_code: int | None = Field(default=None, alias="exitCode")
+    started_at: float | None = Field(default=None, alias="startedAt")  # epoch seconds
+    backoff_until: float | None = Field(default=None, alias="backoffUntil")
+    crash_loop: int = Field(default=0, alias="crashLoop")  # consecutive quick failures
+
+
 class NetworkRecord(_Record):
     """A network we own: its last-applied spec and its bridge."""
 
@@ -91,6 +108,7 @@ class EnvironmentRecord(_Record):
     address: str | None = None  # "a.b.c.d/len" on eth0
     cgroup_paths: list[str] = Field(default_factory=list, alias="cgroupPaths")
     holder: ProcessRecord | None = None
+    processes: dict[str, WorkloadRecord] = Field(default_factory=dict)
     netns_inode: int | None = Field(default=None, alias="netnsInode")
     phase: Phase = "Pending"
     conditions: list[Condition] = Field(default_factory=list)
