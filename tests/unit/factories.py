@@ -19,6 +19,7 @@ from reconciler.engine.desired import Desired, DesiredEnvironment, DesiredNetwor
 from reconciler.engine.ipam import Claim, allocate
 from reconciler.engine.observe import Observation
 from reconciler.engine.plan import Plan, make_plan
+from reconciler.engine.workloads import process_hash
 from reconciler.kernel.naming import host_veth_name, netns_name
 from reconciler.kernel.types import (
     CgroupLimits,
@@ -36,6 +37,7 @@ from reconciler.state.model import (
     NetworkRecord,
     ProcessRecord,
     StateDocument,
+    WorkloadRecord,
 )
 
 API = "reconciler/v1"
@@ -222,6 +224,15 @@ def env_record(env: DesiredEnvironment, *, address: str | None) -> EnvironmentRe
         address=address,
         cgroup_paths=[f"/sys/fs/cgroup/memory/{INSTANCE}/{env.name}"],
         holder=ProcessRecord(pid=holder_pid(env.name), start_time=42),
+        processes={
+            p.name: WorkloadRecord(
+                pid=holder_pid(env.name) + 1 + i,
+                start_time=43,
+                spec_hash=process_hash(p),
+                state="Running",
+            )
+            for i, p in enumerate(env.manifest.spec.processes)
+        },
         netns_inode=netns_inode(env.name),
         phase="Ready",
     )
@@ -265,6 +276,7 @@ def observed(want: Desired, state: StateDocument) -> Observation:
     netns: dict[str, NetnsState] = {}
     cgroups: dict[str, CgroupState] = {}
     alive: dict[str, bool] = {}
+    workloads: dict[str, dict[str, bool]] = {}
     for index, net in enumerate(want.networks.values(), start=10):
         links[net.bridge] = bridge_link(net, index)
     for index, (name, rec) in enumerate(state.environments.items(), start=100):
@@ -300,10 +312,12 @@ def observed(want: Desired, state: StateDocument) -> Observation:
             complete=True,
         )
         alive[name] = True
+        workloads[name] = {process: True for process in rec.processes}
     return Observation(
         network=NetworkObservation(host_links=links, netns=netns),
         cgroups=cgroups,
         holders_alive=alive,
+        workloads_alive=workloads,
     )
 
 
