@@ -56,7 +56,9 @@ def backoff_delay(crash_loop: int) -> float:
     """Seconds to wait before the restart after `crash_loop` consecutive quick failures."""
     if crash_loop <= 0:
         return 0.0
-    return float(min(BASE_BACKOFF * 2 ** (crash_loop - 1), MAX_BACKOFF))
+    # Cap the exponent first: the count keeps growing in a long crash loop (2**1024 overflows).
+    exponent = min(crash_loop - 1, 32)
+    return float(min(BASE_BACKOFF * 2**exponent, MAX_BACKOFF))
 
 
 def _ref(record: WorkloadRecord) -> ProcessRef | None:
@@ -86,6 +88,8 @@ def plan_reasons(
             reasons.append(f"drift: process {name} exited")
         elif current.state == "Backoff" and (current.backoff_until or 0) <= now:
             reasons.append(f"process {name} back-off expired")
+        elif current.state == "Backoff" and current.spec_hash != process_hash(process):
+            reasons.append(f"process {name} changed")
         elif current.state == "Pending":
             reasons.append(f"process {name} is not started")
         elif current.state == "Exited" and current.spec_hash != process_hash(process):
@@ -160,6 +164,11 @@ class WorkloadConverger:
         if current.state == "Running":
             return self._exited(current, process, ref, wanted_hash)
         if current.state == "Backoff":
+            if current.spec_hash != wanted_hash:
+                # A fixed command should not wait out the broken one's back-off.
+                current.crash_loop = 0
+                current.restarts += 1
+                return self._start(current, process, wanted_hash, why="spec changed")
             if (current.backoff_until or 0) > self.now:
                 return []
             current.restarts += 1
