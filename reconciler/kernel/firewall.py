@@ -19,8 +19,8 @@ and are carried over when a tampered table is rebuilt; they restart at zero only
 the table was deleted by hand. Pairs and ports of envs that are gone are pruned by the
 next update.
 
-Cost: one `nft` process per call (list: ~3 ms; apply: one transaction whatever the
-number of envs), never one per env.
+Cost: one `nft` process per call, never one per env. Measured with 50 envs: a no-op
+`ensure` (two lists) ~14 ms, creating both tables ~15 ms, a policy edit ~30-40 ms.
 """
 
 from __future__ import annotations
