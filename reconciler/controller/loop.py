@@ -24,7 +24,10 @@ reconcile with any failure is retried with per-key exponential backoff (1s doubl
 The instance lock is held for the controller's whole life: a second `run`, or an `apply`
 meanwhile, is refused with the holder's pid. The state document is loaded once, then
 carried from save to save (the store refuses a document that was not the last one
-written). At startup a missing or corrupt state file is refused when this instance owns
+written). On a first start the empty document is written before anything is created, so
+the state file exists whenever an object of this instance does.
+
+At startup a missing or corrupt state file is refused when this instance owns
 live objects, because an empty inventory would forget them; `--recover` starts from an
 empty document instead and lets the engine adopt what is live (addresses from eth0,
 netns pins, holders found in the env's cgroup), then reports what it adopted.
@@ -312,7 +315,15 @@ class Controller:
                     f"instance {settings.instance!r} exist (e.g. {owned[0]}); start with "
                     "`reconciler run --recover` to rebuild the inventory from them"
                 )
-            return  # a first start: nothing recorded, nothing owned
+            # A first start: nothing recorded, nothing owned. Write the empty inventory
+            # before creating anything, so that a crash during the first reconcile leaves
+            # a state file next to what it made: the restart adopts or collects those
+            # objects instead of refusing to start over "owned objects, no state file".
+            self._state = store.save(
+                StateDocument(instance=settings.instance), summary="initialised"
+            )
+            self._on_disk = True
+            return
         self._adoptable = _pinned()
         log.warning(
             "recover.started",

@@ -99,7 +99,12 @@ class Controller:
         )
 
     def start(self, *args: str, wait_ready: bool = True) -> subprocess.Popen[str]:
-        """Start `run --resync 1 ARGS`; by default wait until its first reconcile is saved."""
+        """Start `run --resync 1 ARGS`; by default wait until it serves.
+
+        Serving: it holds the lock, the state file exists (written at a first start before
+        anything else, else by the first reconcile) and it logged `controller.started`
+        (its signal handlers are installed: a SIGTERM now is a clean stop).
+        """
         log = open(self.root / f"run-{len(self.procs)}.log", "w")  # noqa: SIM115
         proc = subprocess.Popen(
             self.argv("run", "--resync", str(RESYNC), *args),
@@ -122,7 +127,11 @@ class Controller:
             raise AssertionError(f"run exited {proc.returncode}; log:\n{self.log(proc)}")
         lock = self.state_dir / self.instance / "lock"
         holder = json.loads(lock.read_text() or "{}") if lock.exists() else {}
-        return holder.get("pid") == proc.pid and self.state_file.exists()
+        return (
+            holder.get("pid") == proc.pid
+            and self.state_file.exists()
+            and bool(self.log_events(proc, "controller.started"))
+        )
 
     def log(self, proc: subprocess.Popen[str]) -> str:
         return (self.root / f"run-{self.procs.index(proc)}.log").read_text()
@@ -396,11 +405,12 @@ def test_removed_manifest_is_pruned(controller: Controller) -> None:
             controller.netns not in kernel_view.netns_names()
             and kernel_view.ip_link(veth) is None
             and not any(Path(p).exists() for p in cgroups)
+            # The record goes last: the state file is written after the kernel work.
+            and ENV not in controller.state()["environments"]
         ),
         5.0,
         message="environment not pruned",
     )
-    assert ENV not in controller.state()["environments"]
     reasons = {(e["reason"], e["kind"], e["name"]) for e in controller.events()}
     assert ("Deleted", "Environment", ENV) in reasons
     assert kernel_view.ip_link(bridge(controller)) is not None, "the network is still declared"
@@ -746,8 +756,11 @@ def test_metrics_endpoint_counts_reconciles_and_repairs(controller: Controller) 
     port = _free_port()
     controller.write_network()
     controller.start("--metrics-addr", f"127.0.0.1:{port}")
-    first = wait_until(lambda: _scrape(port), 5.0, message="metrics endpoint not serving")
-    assert first["reconciler_reconciles_total"] >= 1
+    first = wait_until(
+        lambda: (m := _scrape(port))["reconciler_reconciles_total"] >= 1 and m,
+        5.0,
+        message="no reconcile counted",
+    )
     assert first['reconciler_environments{phase="Ready"}'] == 0
     assert "reconciler_queue_depth" in first
     assert "reconciler_reconcile_duration_seconds_count" in first
