@@ -35,7 +35,7 @@ def build_status(runtime: Runtime, state: StateDocument, names: Sequence[str]) -
     selected = [n for n in sorted(state.environments) if not names or n in names]
     return {
         "instance": instance,
-        "source": state.source.model_dump(mode="json"),
+        "source": state.source.model_dump(mode="json", by_alias=True),
         "networks": [
             _network(instance, name, record, observed)
             for name, record in sorted(state.networks.items())

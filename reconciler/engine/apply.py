@@ -128,6 +128,7 @@ class Applier:
                     if r.network is not None
                     and self.state.networks.get(r.network) is network
                     and r.host_veth
+                    and r.phase == "Ready"  # a failed env may lack its veth
                 ]
                 made += firewall.ensure_port_flags(bridge=network.bridge, ports=ports)
             made += firewall.ensure(isolation_spec(instance=self.instance, state=self.state))
@@ -272,7 +273,9 @@ class Applier:
         made: list[str] = []
         made += self.drivers.cgroups.ensure(env=want.name, limits=want.limits)
         record.cgroup_paths = list(self.drivers.cgroups.paths(env=want.name))
-        netns = self.drivers.network.ensure_netns(name=record.netns)
+        netns = self.drivers.network.ensure_netns(
+            name=record.netns, alias=owner_tag(instance=self.instance, kind="env", name=want.name)
+        )
         if previous is not None and previous.netns_inode not in (None, netns.inode):
             made.append(f"netns {record.netns} re-created")
         record.netns_inode = netns.inode
@@ -390,7 +393,8 @@ class Applier:
             namespaces=want.namespaces,
             cgroup_procs=self.drivers.cgroups.procs_files(env=want.name),
         )
-        found = holders.find(spec) if record.holder is None else None
+        # A crashed run may have started one it never recorded: adopt it, never a second.
+        found = holders.find(spec)
         if found is not None:
             record.holder = ProcessRecord(pid=found.pid, start_time=found.start_time)
             return [f"holder adopted (pid {found.pid})"], False
@@ -418,7 +422,10 @@ class Applier:
             alias = owner_tag(instance=self.instance, kind="env", name=change.name)
             if self.drivers.network.remove_env_link(host_name=record.host_veth, alias=alias):
                 made.append(f"veth {record.host_veth} removed")
-        if self.drivers.network.remove_netns(name=record.netns, inode=record.netns_inode):
+        alias = owner_tag(instance=self.instance, kind="env", name=change.name)
+        if self.drivers.network.remove_netns(
+            name=record.netns, inode=record.netns_inode, alias=alias
+        ):
             made.append(f"netns {record.netns} removed")
         # The address is released last, and only when the environment goes for good.
         if change.action is Action.DELETE:

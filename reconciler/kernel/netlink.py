@@ -510,7 +510,7 @@ class NetlinkDriver:
             )
         return self._delete(host, link["index"], f"{what} {name}")
 
-    def _ensure_netns(self, name: str) -> NetnsState:
+    def _ensure_netns(self, name: str, alias: str | None = None) -> NetnsState:
         handle = self._handle(name)
         if handle is None:
             try:
@@ -523,12 +523,25 @@ class NetlinkDriver:
         lo = self._get(handle.ipr, "lo")
         if lo is not None:
             self._set_up(handle.ipr, lo, f"lo in network namespace {name}")
+            if alias is not None:
+                # The namespace carries its own ownership tag (on its lo): it dies with it,
+                # and proves a pin re-created by a crashed run of ours is ours.
+                self._set_alias(handle.ipr, lo, alias, f"lo in network namespace {name}")
         return self._state(name, handle)
 
-    def _remove_netns(self, name: str, inode: int | None) -> bool:
+    def _tagged(self, name: str, alias: str) -> bool:
+        handle = self._handle(name)
+        lo = self._get(handle.ipr, "lo") if handle is not None else None
+        return lo is not None and (lo.get("IFLA_IFALIAS") or None) == alias
+
+    def _remove_netns(self, name: str, inode: int | None, alias: str | None) -> bool:
         if inode is not None:
             pin = netns.pin_identity(name)
-            if pin is not None and pin.inode != inode:
+            if (
+                pin is not None
+                and pin.inode != inode
+                and not (alias is not None and self._tagged(name, alias))
+            ):
                 raise OwnershipError(
                     f"netns {name} is not the namespace this instance recorded (inode "
                     f"{pin.inode}, recorded {inode}); left in place: remove it by hand if stale"
@@ -724,17 +737,21 @@ class NetlinkDriver:
         """Delete the bridge if it exists and is ours; True if something was removed."""
         return self._call(self._remove_link, name=name, alias=alias, what="bridge")
 
-    def ensure_netns(self, *, name: str) -> NetnsState:
-        """Create (or adopt) the namespace pinned at /run/netns/<name>, with `lo` up."""
-        return self._call(self._ensure_netns, name)
+    def ensure_netns(self, *, name: str, alias: str | None = None) -> NetnsState:
+        """Create (or adopt) the namespace pinned at /run/netns/<name>, with `lo` up
+        (and tagged with `alias`, the namespace's own ownership proof)."""
+        return self._call(self._ensure_netns, name, alias)
 
-    def remove_netns(self, *, name: str, inode: int | None = None) -> bool:
+    def remove_netns(
+        self, *, name: str, inode: int | None = None, alias: str | None = None
+    ) -> bool:
         """Close our socket in it, then unpin /run/netns/<name>; True if it existed.
 
         With `inode`, the pin is removed only if it still is that namespace (ownership
-        proof from the inventory); otherwise OwnershipError.
+        proof from the inventory) or its `lo` carries `alias` (the namespace's own tag,
+        set by `ensure_netns`); otherwise OwnershipError.
         """
-        return self._call(self._remove_netns, name, inode)
+        return self._call(self._remove_netns, name, inode, alias)
 
     def ensure_env_link(
         self,

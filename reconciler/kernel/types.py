@@ -91,15 +91,18 @@ class NetworkDriver(Protocol):
         """Delete the bridge if it exists and carries `alias`; True if something was removed."""
         ...
 
-    def ensure_netns(self, *, name: str) -> NetnsState:
-        """Create (or adopt) the namespace pinned at /run/netns/<name>, with `lo` up."""
+    def ensure_netns(self, *, name: str, alias: str | None = None) -> NetnsState:
+        """Create (or adopt) the namespace pinned at /run/netns/<name>, with `lo` up and,
+        given `alias`, tagged with it (on `lo`: the tag lives and dies with the namespace)."""
         ...
 
-    def remove_netns(self, *, name: str, inode: int | None = None) -> bool:
+    def remove_netns(
+        self, *, name: str, inode: int | None = None, alias: str | None = None
+    ) -> bool:
         """Unpin and forget /run/netns/<name>; True if it existed.
 
         With `inode` (from the inventory), refuse (OwnershipError) when the pin is now
-        another namespace: a name alone does not prove ownership.
+        another namespace, unless its `lo` carries `alias`: a name alone proves nothing.
         """
         ...
 

@@ -11,7 +11,9 @@ by `reconciler.state.store`. Fields, top level:
 - `bootId`: `/proc/sys/kernel/random/boot_id` at the last write. A different boot id on
   load means every runtime object (netns pins, links, processes) is gone; allocations
   (addresses) are kept so environments come back with the same address.
-- `source`: where the desired state came from (`kind`, `path`, `revision`).
+- `source`: where the desired state came from (`kind`, `path`, `revision`; for git also
+  `url` without credentials, `ref`, `lastAttemptedRevision`, `lastFetchTime`,
+  `lastError`), and `suspended`: syncing is paused (`reconciler suspend`).
 - `networks`: by name, one `NetworkRecord` per network we created: the spec last applied,
   the bridge name, phase and conditions.
 - conditions (networks and environments): `Ready` (converged as last applied),
@@ -118,11 +120,22 @@ class EnvironmentRecord(_Record):
 
 
 class SourceRecord(_Record):
-    """Where the desired state came from."""
+    """Where the desired state came from (`reconciler.sources`).
+
+    For git: `url` never holds credentials, `path` is the folder inside the repository,
+    `revision` is the commit last applied and `lastAttemptedRevision` the one last tried
+    (they differ while a newer commit is refused); `suspended` pauses syncing.
+    """
 
     kind: Literal["directory", "git"] = "directory"
     path: str = ""
     revision: str | None = None
+    url: str | None = None
+    ref: str | None = None
+    last_attempted_revision: str | None = Field(default=None, alias="lastAttemptedRevision")
+    last_fetch_time: str | None = Field(default=None, alias="lastFetchTime")
+    last_error: str | None = Field(default=None, alias="lastError")
+    suspended: bool = False
 
 
 class HistoryEntry(_Record):

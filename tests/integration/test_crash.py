@@ -298,18 +298,6 @@ def test_orphans_carrying_our_proof_are_collected_and_nothing_else(crash: Contro
 # of the state file from before that run, letting `apply` do the work (and save), then
 # putting the old copy back - exactly what the disk holds after such a crash.
 
-NETNS_REPLACED_BUG = (
-    "engine/apply.py _teardown_environment: remove_netns(inode=<recorded>) refuses a pin "
-    "that a crashed run of this instance re-created (inode not yet recorded), so the env "
-    "can neither be recreated nor pruned ever again ('is not the namespace this instance "
-    "recorded'); the pin needs another proof (our holder or our tagged veth's peer in it)"
-)
-DEAD_HOLDER_BUG = (
-    "engine/apply.py _converge_holder: holders.find() runs only when no holder is "
-    "recorded, so when the recorded one is dead but a crashed run already started a new "
-    "one (unrecorded), a second catatonit is spawned into the same cgroup"
-)
-
 
 def _replay_unsaved_run(c: Controller, damage: Callable[[], None]) -> None:
     """`damage` the env, `apply` the repair, then restore the state file from before it."""
@@ -326,7 +314,6 @@ def _unpin(c: Controller, env: str) -> None:
     pin.unlink()
 
 
-@pytest.mark.xfail(strict=True, reason=NETNS_REPLACED_BUG)
 @pytest.mark.parametrize("then", ["kept", "pruned"])
 def test_crash_after_replacing_a_netns_before_saving(crash: Controller, then: str) -> None:
     c = crash
@@ -340,7 +327,6 @@ def test_crash_after_replacing_a_netns_before_saving(crash: Controller, then: st
     assert not problems(c, expected)
 
 
-@pytest.mark.xfail(strict=True, reason=DEAD_HOLDER_BUG)
 def test_crash_after_restarting_a_holder_before_saving(crash: Controller) -> None:
     c = crash
     write_manifests(c, ["e00"])
@@ -429,10 +415,8 @@ def test_kill_9_at_random_moments_converges_without_leaks(crash: Controller) -> 
     assert not leaks, f"CRASH_SEED={seed}: destroy left {leaks}"
 
 
-KNOWN_GAPS = {
+KNOWN_GAPS: dict[str, str] = {
     # signature in the failure (problems, run log) -> the strict xfail replaying it
-    "is not the namespace this instance recorded": NETNS_REPLACED_BUG,
-    "processes in its cgroup: ['catatonit', 'catatonit']": DEAD_HOLDER_BUG,
 }
 
 
