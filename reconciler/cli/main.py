@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import re
 import sys
-import time
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from functools import wraps
@@ -327,10 +326,17 @@ def destroy(runtime: Runtime, names: tuple[str, ...]) -> None:
         if not names and not new_state.environments:
             from reconciler.engine.orphans import collect_orphans
 
-            for line in collect_orphans(
+            for orphan in collect_orphans(
                 instance=runtime.options.instance, drivers=drivers, state=new_state
             ):
-                click.echo(line)
+                click.echo(f"{orphan.kind}/{orphan.name}: {orphan.what}")
+                runtime.events.emit(
+                    type="Normal",
+                    reason="OrphanCollected",
+                    kind=orphan.kind,
+                    name=orphan.name,
+                    message=orphan.what,
+                )
             drivers.cgroups.remove_parent()
         if runtime.store.exists() or changes:
             runtime.store.save_if_changed(new_state, previous=state, summary="destroy")
@@ -366,24 +372,23 @@ def events(runtime: Runtime, follow: bool, since: str | None, output: str) -> No
     cutoff = None
     if since:
         cutoff = (datetime.now(UTC) - _duration(since)).strftime("%Y-%m-%dT%H:%M:%SZ")
-    seen = 0
-    while True:
-        items = list(runtime.events.read(since=cutoff))
-        for event in items[seen:]:
+    if follow:
+        for event in runtime.events.follow(since=cutoff):
             _print_event(event, output)
-        seen = len(items)
-        if not follow:
-            return
-        time.sleep(0.5)  # a user-facing follow loop, not synchronisation
+        return
+    for event in runtime.events.read(since=cutoff):
+        _print_event(event, output)
 
 
 def _print_event(event: dict[str, Any], output: str) -> None:
     if output == "json":
         click.echo(json.dumps(event, separators=(",", ":")))
         return
+    count = event.get("count", 1)
+    repeated = f" (x{count})" if isinstance(count, int) and count > 1 else ""
     click.echo(
         f"{event.get('time')}  {event.get('type'):<7}  {event.get('reason'):<15}  "
-        f"{event.get('kind')}/{event.get('name')}: {event.get('message')}"
+        f"{event.get('kind')}/{event.get('name')}: {event.get('message')}{repeated}"
     )
 
 

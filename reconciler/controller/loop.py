@@ -61,6 +61,7 @@ from typing import Protocol
 import structlog
 
 from reconciler.controller.debounce import Debouncer
+from reconciler.controller.exits import ExitWatcher, recorded_processes
 from reconciler.controller.metrics import ListenAddress, Metrics, MetricsServer
 from reconciler.controller.queue import Backoff, Clock, WorkQueue
 from reconciler.controller.watcher import ManifestWatcher
@@ -153,6 +154,7 @@ class Controller:
         self._deferred_since: float | None = None  # worker only: see _should_defer
         self._gc_due = threading.Event()  # collect orphans after the next reconcile
         self._gc_due.set()  # ... the first one: what a crash of the last run left
+        self._exits = ExitWatcher(on_exit=lambda: self._queue.add(ALL))
         self.metrics = Metrics()
         self.metrics.track_queue(self._queue.depth)
         self._metrics_server: MetricsServer | None = None
@@ -171,6 +173,7 @@ class Controller:
         ticker = threading.Thread(target=self._tick_loop, name="reconciler-ticker", daemon=True)
         try:
             self._watcher.start()
+            self._exits.start()
             worker.start()
             ticker.start()
             self._queue.add(ALL)  # converge once at startup, whatever the triggers say
@@ -187,6 +190,7 @@ class Controller:
             if ticker.ident is not None:
                 ticker.join(timeout=2.0)
             self._watcher.stop(timeout=2.0)
+            self._exits.stop()
             restore()
             self._close_metrics()
             self._release()
@@ -461,6 +465,10 @@ class Controller:
             source=runtime.source(),
         )
         self._save(outcome)
+        self._exits.watch(recorded_processes(self._state))
+        wakeup = outcome.requeue_after
+        if wakeup is not None:  # a process back-off expires then
+            self._queue.add_after(ALL, wakeup + 0.05)
         self._reported_failure = None
         self.metrics.observe_result(outcome)
         self.metrics.observe_state(self._state)

@@ -27,6 +27,12 @@ by `reconciler.state.store`. Fields, top level:
   last applied (with its hash), the names of every kernel object (netns, host veth,
   cgroup paths), the holder process (pid + start time), phase and conditions. This is the
   inventory: pruning deletes recorded - desired, never names re-derived from YAML.
+- health (environments; written by `reconciler.health` through the controller):
+  `probes` (probe name → `healthy`, `consecutiveFailures`, `lastResult` success|failure,
+  `lastTime`, `lastMessage`), `violations` (the last `VIOLATION_HISTORY` policy violations:
+  `time`, `type`, `detail`, `action`), `quarantine` (`since`, `reason`, and the `specHash`
+  the environment had when it was quarantined: a manifest change of the environment lifts
+  it, and so does `reconciler release NAME`; absent when not quarantined).
 - `allocations`: network name → environment name → address. Outlives the environment
   record while the network exists, so a recreated environment gets its old address back.
 - `history`: the last `HISTORY_LIMIT` writes: serial, time, and a one-line summary.
@@ -40,6 +46,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 STATE_VERSION = 1
 HISTORY_LIMIT = 50
+VIOLATION_HISTORY = 20  # violations kept per environment, newest last
 
 Phase = Literal["Pending", "Ready", "Degraded", "Failed", "Terminating"]
 
@@ -82,6 +89,33 @@ class WorkloadRecord(_Record):
     crash_loop: int = Field(default=0, alias="crashLoop")  # consecutive quick failures
 
 
+class ProbeRecord(_Record):
+    """One probe's health as the health monitor last recorded it."""
+
+    healthy: bool = True
+    consecutive_failures: int = Field(default=0, alias="consecutiveFailures")
+    last_result: Literal["success", "failure"] | None = Field(default=None, alias="lastResult")
+    last_time: str | None = Field(default=None, alias="lastTime")  # RFC3339
+    last_message: str = Field(default="", alias="lastMessage")
+
+
+class ViolationRecord(_Record):
+    """One policy violation and what was done about it."""
+
+    time: str  # RFC3339
+    type: str  # oom | pids-limit | escape | denied-connection | cpu-throttled
+    detail: str
+    action: Literal["alert", "kill", "quarantine"]
+
+
+class QuarantineRecord(_Record):
+    """Why and since when an environment's network is cut off."""
+
+    since: str  # RFC3339
+    reason: str
+    spec_hash: str = Field(alias="specHash")  # the env's spec hash then: a change lifts it
+
+
 class NetworkRecord(_Record):
     """A network we own: its last-applied spec and its bridge."""
 
@@ -117,6 +151,9 @@ class EnvironmentRecord(_Record):
     last_reconciled: str = Field(default="", alias="lastReconciled")
     last_error: str | None = Field(default=None, alias="lastError")
     consecutive_failures: int = Field(default=0, alias="consecutiveFailures")
+    probes: dict[str, ProbeRecord] = Field(default_factory=dict)
+    violations: list[ViolationRecord] = Field(default_factory=list)
+    quarantine: QuarantineRecord | None = None
 
 
 class SourceRecord(_Record):
