@@ -397,6 +397,14 @@ from reconciler.cli.exec_command import exec_, logs  # noqa: E402
 
 cli.add_command(exec_)
 cli.add_command(logs)
+from reconciler.cli.sync_command import resume, suspend, sync  # noqa: E402
+
+cli.add_command(sync)
+cli.add_command(suspend)
+cli.add_command(resume)
+from reconciler.cli.release_command import release  # noqa: E402
+
+cli.add_command(release)
 
 
 def main() -> None:

@@ -70,6 +70,7 @@ from reconciler.engine.desired import Desired
 from reconciler.engine.orphans import NETNS_DIR, Collected, collect_orphans, owned_objects
 from reconciler.engine.reconcile import ReconcileResult, reconcile
 from reconciler.errors import ReconcilerError, StateError
+from reconciler.kernel.logfiles import log_path, rotate_if_needed
 from reconciler.manifests.loader import LoadResult
 from reconciler.state.events import EventLog
 from reconciler.state.lock import InstanceLock
@@ -466,6 +467,7 @@ class Controller:
         )
         self._save(outcome)
         self._exits.watch(recorded_processes(self._state))
+        self._rotate_logs()
         wakeup = outcome.requeue_after
         if wakeup is not None:  # a process back-off expires then
             self._queue.add_after(ALL, wakeup + 0.05)
@@ -487,6 +489,14 @@ class Controller:
         # Manifest errors are not retried with backoff: only an edit can fix them, and an
         # edit is a file event.
         return outcome.ok
+
+    def _rotate_logs(self) -> None:
+        """Keep every workload's capture file bounded (a stat per process when small)."""
+        root = self._require_drivers().log_root
+        for env, record in self._state.environments.items():
+            for name in record.processes:
+                with contextlib.suppress(OSError):
+                    rotate_if_needed(log_path(root / env, name))
 
     def _save(self, outcome: ReconcileResult) -> None:
         store = self._runtime.store

@@ -113,8 +113,9 @@ def url_secrets(url: str) -> tuple[str, ...]:
     """The credential strings inside `url` (raw and percent-decoded), to scrub from text."""
     found: set[str] = set()
     for match in _USERINFO.finditer(url):
-        user, _, password = match["userinfo"].partition(":")
-        parts = [password] if _is_ssh(match["scheme"]) else [user, password]
+        user, colon, password = match["userinfo"].partition(":")
+        # A lone http(s) user name is usually a token; beside a password it is just a name.
+        parts = [password] if colon or _is_ssh(match["scheme"]) else [user]
         for part in parts:
             found.update(p for p in (part, unquote(part)) if len(p) >= 3)
     return tuple(sorted(found, key=len, reverse=True))
@@ -462,6 +463,12 @@ class GitSource:
 
     def __repr__(self) -> str:
         return f"GitSource(url={self.display_url!r}, ref={self.display_ref!r}, path={self.path!r})"
+
+    def manifest_errors(self, fetched: Fetched, errors: Sequence[str]) -> list[str]:
+        """Loader errors (`web.yaml:3: ...`, relative to --git-path) as the repository
+        has them: `rev abc1234: envs/web.yaml:3: ...`."""
+        prefix = "" if self.path == "." else f"{self.path}/"
+        return [f"rev {fetched.short}: {prefix}{line}" for line in errors]
 
     # ------------------------------------------------------------------ records
 

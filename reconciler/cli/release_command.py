@@ -1,0 +1,123 @@
+"""`reconciler release NAME`: lift an environment's quarantine and give its network back.
+
+A quarantine (policy `onViolation: quarantine`) lasts until the environment's manifest
+changes or until this command. Two cases, told apart by the instance lock:
+
+- **no controller runs** (the lock is free): the quarantine is cleared in the state file
+  under the lock, the isolation rules are re-applied without it at once, and a `Released`
+  event is written;
+- **a controller runs** (`reconciler run` holds the lock for its whole life): the state is
+  its to write, so the command leaves a request in
+  `<state-dir>/<instance>/release-requests/NAME`, which the controller's health monitor
+  takes on its next policy pass (every few seconds); the command waits for that, up to
+  `--wait` seconds.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from functools import wraps
+from typing import ParamSpec, TypeVar
+
+import click
+
+from reconciler.cli.runtime import Runtime
+from reconciler.engine.isolation import isolation_spec
+from reconciler.errors import LockedError, ReconcilerError
+from reconciler.health.actions import release_dir, release_pending, request_release
+from reconciler.health.monitor import health_conditions, quarantined_in
+from reconciler.state.model import StateDocument
+
+P = ParamSpec("P")
+R = TypeVar("R")
+_POLL = 0.1  # seconds between looks at the request file: a user waiting, not a sync
+
+
+def _user_errors(func: Callable[P, R]) -> Callable[P, R]:
+    """main.py's `user_errors`, looked up at call time (main imports this module)."""
+
+    @wraps(func)
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        from reconciler.cli.main import user_errors
+
+        return user_errors(func)(*args, **kwargs)
+
+    return wrapper
+
+
+@click.command()
+@click.argument("name")
+@click.option(
+    "--wait",
+    type=click.FloatRange(min=0),
+    default=10.0,
+    show_default=True,
+    metavar="SECONDS",
+    help="With a controller running: how long to wait for it to take the request.",
+)
+@click.pass_obj
+@_user_errors
+def release(runtime: Runtime, name: str, wait: float) -> None:
+    """Lift the quarantine of environment NAME and restore its network."""
+    state = runtime.load_state()
+    if name not in state.environments:
+        raise ReconcilerError(
+            f"unknown environment {name!r} in instance {runtime.options.instance!r}; "
+            "see `reconciler status`"
+        )
+    lock = runtime.store.lock(command="reconciler release")
+    try:
+        lock.acquire()
+    except LockedError:
+        _request(runtime, name, wait)
+        return
+    try:
+        _release_now(runtime, name)
+    finally:
+        lock.release()
+
+
+def _request(runtime: Runtime, name: str, wait: float) -> None:
+    """A controller holds the lock: hand the release to its health monitor."""
+    request_release(runtime.store.dir, name)
+    deadline = time.monotonic() + wait
+    while release_pending(runtime.store.dir, name) and time.monotonic() < deadline:
+        time.sleep(_POLL)
+    if release_pending(runtime.store.dir, name):
+        click.echo(
+            f"Environment/{name}: release requested; the running controller lifts the "
+            "quarantine on its next policy pass (see `reconciler events`)"
+        )
+    else:
+        click.echo(f"Environment/{name}: release taken by the running controller")
+
+
+def _release_now(runtime: Runtime, name: str) -> None:
+    """No controller: clear the quarantine in the state and re-apply the isolation rules."""
+    # A request left for a controller that has since stopped is answered here.
+    (release_dir(runtime.store.dir) / name).unlink(missing_ok=True)
+    state = runtime.load_state()
+    record = state.environments.get(name)
+    if record is None:
+        raise ReconcilerError(f"environment {name!r} disappeared; see `reconciler status`")
+    if record.quarantine is None:
+        click.echo(f"Environment/{name}: not quarantined (nothing to do)")
+        return
+    updated: StateDocument = state.model_copy(deep=True)
+    target = updated.environments[name]
+    target.quarantine = None
+    target.conditions = health_conditions(target.conditions, probes=target.probes, quarantine=None)
+    instance = runtime.options.instance
+    runtime.drivers().firewall.ensure(
+        isolation_spec(instance=instance, state=updated, quarantined=quarantined_in(updated))
+    )
+    runtime.store.save(updated, summary=f"release {name}")
+    runtime.events.emit(
+        type="Normal",
+        reason="Released",
+        kind="Environment",
+        name=name,
+        message="quarantine lifted: `reconciler release`",
+    )
+    click.echo(f"Environment/{name}: released")
