@@ -14,33 +14,16 @@ every process of the environment is shown, each line prefixed with its name.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
-from functools import wraps
-from typing import ParamSpec, TypeVar
 
 import click
 
+from reconciler.cli.common import user_errors
 from reconciler.cli.runtime import Runtime
 from reconciler.errors import ReconcilerError
 from reconciler.kernel.logfiles import env_log_dir, log_path, logged_processes, read_many
 from reconciler.kernel.processes import run_in_env
 from reconciler.kernel.types import ProcessRef
 from reconciler.state.model import EnvironmentRecord
-
-P = ParamSpec("P")
-R = TypeVar("R")
-
-
-def _user_errors(func: Callable[P, R]) -> Callable[P, R]:
-    """main.py's `user_errors`, looked up at call time (main imports this module)."""
-
-    @wraps(func)
-    def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
-        from reconciler.cli.main import user_errors
-
-        return user_errors(func)(*args, **kwargs)
-
-    return wrapper
 
 
 def _environment(runtime: Runtime, name: str) -> EnvironmentRecord:
@@ -60,7 +43,7 @@ def _environment(runtime: Runtime, name: str) -> EnvironmentRecord:
 @click.argument("name")
 @click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED, metavar="[--] CMD...")
 @click.pass_obj
-@_user_errors
+@user_errors
 def exec_(runtime: Runtime, name: str, command: tuple[str, ...]) -> None:
     """Run CMD inside environment NAME (namespaces and cgroup), stdio attached."""
     if command[:1] == ("--",):
@@ -90,7 +73,7 @@ def exec_(runtime: Runtime, name: str, command: tuple[str, ...]) -> None:
 @click.argument("process", required=False)
 @click.option("-f", "--follow", is_flag=True, help="Keep printing new output.")
 @click.pass_obj
-@_user_errors
+@user_errors
 def logs(runtime: Runtime, name: str, process: str | None, follow: bool) -> None:
     """Captured stdout/stderr of PROCESS (default: every process) of environment NAME."""
     record = _environment(runtime, name)

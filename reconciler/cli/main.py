@@ -12,13 +12,13 @@ import re
 import sys
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
-from functools import wraps
 from pathlib import Path
 from typing import Any, ParamSpec, TypeVar
 
 import click
 import yaml
 
+from reconciler.cli.common import fail, report_outcome, save_state, user_errors
 from reconciler.cli.render import plan_text, status_tables
 from reconciler.cli.run_command import run
 from reconciler.cli.runtime import Options, Runtime, configure_logging
@@ -26,7 +26,7 @@ from reconciler.engine.apply import apply_plan
 from reconciler.engine.desired import Desired
 from reconciler.engine.plan import Action, Change, Plan
 from reconciler.engine.reconcile import plan_for, reconcile
-from reconciler.errors import ManifestError, ReconcilerError
+from reconciler.errors import ReconcilerError
 from reconciler.manifests.loader import LoadResult
 from reconciler.manifests.schema import manifest_schema
 from reconciler.state.model import StateDocument
@@ -36,31 +36,6 @@ R = TypeVar("R")
 # No "-": it separates instance and environment in netns names (`<instance>-<env>`), so
 # instance `dev` with env `x-web` and instance `dev-x` with env `web` can never collide.
 INSTANCE_PATTERN = re.compile(r"^[a-z0-9][a-z0-9_]{0,31}$")
-
-
-def _fail(message: str, code: int = 1) -> None:
-    click.echo(f"error: {message}", err=True)
-    sys.exit(code)
-
-
-def user_errors(func: Callable[P, R]) -> Callable[P, R]:
-    """Turn ReconcilerError (and Ctrl-C) into one line and an exit code."""
-
-    @wraps(func)
-    def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
-        try:
-            return func(*args, **kwargs)
-        except ManifestError as exc:
-            for line in exc.errors:
-                click.echo(line, err=True)
-            sys.exit(exc.exit_code)
-        except ReconcilerError as exc:
-            _fail(exc.message, exc.exit_code)
-        except KeyboardInterrupt:
-            _fail("interrupted", 130)
-        raise AssertionError("unreachable")
-
-    return wrapper
 
 
 def _instance(ctx: click.Context, param: click.Parameter, value: str) -> str:
@@ -209,39 +184,10 @@ def apply(runtime: Runtime) -> None:
             state=state,
             source=runtime.source(),
         )
-        _save(runtime, outcome.state, previous=state, plan=outcome.plan)
-    failed = False
-    for item in outcome.outcomes:
-        if item.ok:
-            click.echo(f"{item.kind}/{item.name}: {_past(item.action)}")
-        else:
-            failed = True
-            click.echo(f"{item.kind}/{item.name}: failed: {item.message}", err=True)
-    for name, reason in sorted(outcome.plan.address_failures.items()):
-        failed = True
-        click.echo(f"Environment/{name}: failed: {reason}", err=True)
-    if not outcome.outcomes:
-        click.echo("No changes. The host matches the manifests.")
+        save_state(runtime, outcome.state, previous=state, plan=outcome.plan)
+    failed = report_outcome(outcome)
     if failed or result.errors:
         sys.exit(1)
-
-
-def _past(action: Action) -> str:
-    return {
-        "create": "created",
-        "update": "updated",
-        "recreate": "recreated",
-        "delete": "deleted",
-        "noop": "unchanged",
-    }[str(action)]
-
-
-def _save(runtime: Runtime, state: StateDocument, *, previous: StateDocument, plan: Plan) -> None:
-    counts = plan.summary()
-    summary = ", ".join(f"{n} {k}" for k, n in counts.items() if n) or "no changes"
-    runtime.store.save_if_changed(
-        state, previous=previous if runtime.store.exists() else None, summary=summary
-    )
 
 
 # --------------------------------------------------------------------------- status
@@ -269,7 +215,7 @@ def status(runtime: Runtime, names: tuple[str, ...], output: str) -> None:
     else:
         click.echo(status_tables(doc, wide=output == "wide"))
     if unknown:
-        _fail(f"unknown environment(s): {', '.join(unknown)} (see `reconciler status`)")
+        fail(f"unknown environment(s): {', '.join(unknown)} (see `reconciler status`)")
 
 
 def _state_or_orphans(runtime: Runtime, owned: Callable[..., list[str]]) -> StateDocument:

@@ -10,35 +10,15 @@ daemon's log is its record, so `run` logs at info level even without `-v`.
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable
-from functools import wraps
-from typing import ParamSpec, TypeVar
 
 import click
 
+from reconciler.cli.common import user_errors
 from reconciler.cli.runtime import Runtime, configure_logging
 from reconciler.controller.loop import Controller, Settings
 from reconciler.controller.metrics import parse_listen_address
 
-P = ParamSpec("P")
-R = TypeVar("R")
 _UNSUPPORTED_EXIT = 2  # a usage error: the option exists in the contract, not yet here
-
-
-def _user_errors(func: Callable[P, R]) -> Callable[P, R]:
-    """main.py's `user_errors`, looked up at call time.
-
-    main.py imports this module to register `run`, so importing main here at import
-    time would be circular; by the time a command runs, main is fully loaded.
-    """
-
-    @wraps(func)
-    def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
-        from reconciler.cli.main import user_errors
-
-        return user_errors(func)(*args, **kwargs)
-
-    return wrapper
 
 
 @click.command()
@@ -75,7 +55,7 @@ def _user_errors(func: Callable[P, R]) -> Callable[P, R]:
     help="Allow a --metrics-addr that is not a loopback address.",
 )
 @click.pass_obj
-@_user_errors
+@user_errors
 def run(
     runtime: Runtime,
     resync: float,

@@ -22,15 +22,13 @@ they are.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from functools import wraps
 from pathlib import Path
-from typing import ParamSpec, TypeVar
 
 import click
 
+from reconciler.cli.common import report_outcome, save_state, user_errors
 from reconciler.cli.runtime import Runtime
-from reconciler.engine.reconcile import ReconcileResult, reconcile
+from reconciler.engine.reconcile import reconcile
 from reconciler.errors import ManifestError
 from reconciler.manifests.loader import LoadResult
 from reconciler.sources import Fetched, SourceError
@@ -42,23 +40,9 @@ from reconciler.sources.git import (
 )
 from reconciler.state.model import StateDocument
 
-P = ParamSpec("P")
-R = TypeVar("R")
 CHECKOUT_DIR = "git"
 """The instance's checkout, under `<state-dir>/<instance>/`."""
 EVENT_KIND = "GitRepository"
-
-
-def _user_errors(func: Callable[P, R]) -> Callable[P, R]:
-    """main.py's `user_errors`, looked up at call time (main imports this module)."""
-
-    @wraps(func)
-    def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
-        from reconciler.cli.main import user_errors
-
-        return user_errors(func)(*args, **kwargs)
-
-    return wrapper
 
 
 # --------------------------------------------------------------------------- option checks
@@ -123,7 +107,7 @@ def _check_path(ctx: click.Context, param: click.Parameter, value: str) -> str:
     help="Require the commit to be signed by a key in this exported public keyring.",
 )
 @click.pass_obj
-@_user_errors
+@user_errors
 def sync(
     runtime: Runtime,
     git_url: str,
@@ -155,7 +139,7 @@ def sync(
             state=state,
             source=source.applied(fetched),
         )
-        _save(runtime, outcome, previous=state)
+        save_state(runtime, outcome.state, previous=state, plan=outcome.plan)
         if state.source.revision != fetched.revision or state.source.url != source.display_url:
             runtime.events.emit(
                 type="Normal",
@@ -165,7 +149,7 @@ def sync(
                 message=f"applied revision {fetched.revision} ({source.display_ref}, "
                 f"path {source.path})",
             )
-    if _report(outcome):
+    if report_outcome(outcome, nothing="The host matches the repository."):
         raise SystemExit(1)
 
 
@@ -213,41 +197,12 @@ def _record_failure(
     )
 
 
-def _save(runtime: Runtime, outcome: ReconcileResult, *, previous: StateDocument) -> None:
-    from reconciler.cli.main import _save as save  # main imports this module: call time
-
-    save(runtime, outcome.state, previous=previous, plan=outcome.plan)
-
-
-def _report(outcome: ReconcileResult) -> bool:
-    """Print one line per changed object, like `apply`; True when anything failed.
-
-    TODO(lead): this repeats the tail of main.py's `apply`; see the report for the
-    proposed `report_outcome` helper both commands would share.
-    """
-    from reconciler.cli.main import _past  # main imports this module: call time
-
-    failed = False
-    for item in outcome.outcomes:
-        if item.ok:
-            click.echo(f"{item.kind}/{item.name}: {_past(item.action)}")
-        else:
-            failed = True
-            click.echo(f"{item.kind}/{item.name}: failed: {item.message}", err=True)
-    for name, reason in sorted(outcome.plan.address_failures.items()):
-        failed = True
-        click.echo(f"Environment/{name}: failed: {reason}", err=True)
-    if not outcome.outcomes:
-        click.echo("No changes. The host matches the repository.")
-    return failed
-
-
 # --------------------------------------------------------------------------- suspend / resume
 
 
 @click.command()
 @click.pass_obj
-@_user_errors
+@user_errors
 def suspend(runtime: Runtime) -> None:
     """Pause syncing: `sync` and the controller leave everything as it is."""
     _set_suspended(runtime, suspended=True)
@@ -255,7 +210,7 @@ def suspend(runtime: Runtime) -> None:
 
 @click.command()
 @click.pass_obj
-@_user_errors
+@user_errors
 def resume(runtime: Runtime) -> None:
     """Resume syncing after `suspend`."""
     _set_suspended(runtime, suspended=False)
