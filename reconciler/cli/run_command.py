@@ -9,7 +9,7 @@ daemon's log is its record, so `run` logs at info level even without `-v`.
 
 from __future__ import annotations
 
-import sys
+from pathlib import Path
 
 import click
 
@@ -17,8 +17,8 @@ from reconciler.cli.common import user_errors
 from reconciler.cli.runtime import Runtime, configure_logging
 from reconciler.controller.loop import Controller, Settings
 from reconciler.controller.metrics import parse_listen_address
-
-_UNSUPPORTED_EXIT = 2  # a usage error: the option exists in the contract, not yet here
+from reconciler.sources.git import GitSource
+from reconciler.sources.sync import CHECKOUT_DIR
 
 
 @click.command()
@@ -45,6 +45,12 @@ _UNSUPPORTED_EXIT = 2  # a usage error: the option exists in the contract, not y
     help="Poll the repository this often.",
 )
 @click.option(
+    "--git-verify-keyring",
+    metavar="FILE",
+    type=click.Path(path_type=Path, dir_okay=False),
+    help="Require each commit to be signed by a key in this exported public keyring.",
+)
+@click.option(
     "--metrics-addr",
     metavar="HOST:PORT",
     help="Serve Prometheus metrics on /metrics here (off by default; loopback only).",
@@ -64,24 +70,30 @@ def run(
     git_ref: str | None,
     git_path: str | None,
     git_interval: float | None,
+    git_verify_keyring: Path | None,
     metrics_addr: str | None,
     metrics_allow_remote: bool,
 ) -> None:
     """The controller: watch the manifests, resync, repair drift, until SIGTERM/SIGINT."""
-    given = {
-        "--git-url": git_url,
-        "--git-ref": git_ref,
-        "--git-path": git_path,
-        "--git-interval": git_interval,
-    }
-    unsupported = [name for name, value in given.items() if value is not None]
-    if unsupported:
-        click.echo(
-            f"error: {', '.join(unsupported)}: not supported yet by `reconciler run`; "
-            "run it without them (it watches --manifests DIR)",
-            err=True,
+    git = None
+    if git_url is not None:
+        git = GitSource(
+            url=git_url,
+            checkout_dir=runtime.store.dir / CHECKOUT_DIR,
+            ref=git_ref,
+            path=git_path or ".",
+            keyring=git_verify_keyring.absolute() if git_verify_keyring else None,
         )
-        sys.exit(_UNSUPPORTED_EXIT)
+    else:
+        given = {
+            "--git-ref": git_ref,
+            "--git-path": git_path,
+            "--git-interval": git_interval,
+            "--git-verify-keyring": git_verify_keyring,
+        }
+        orphaned = [name for name, value in given.items() if value is not None]
+        if orphaned:
+            raise click.UsageError(f"{', '.join(orphaned)} needs --git-url")
     metrics = (
         parse_listen_address(metrics_addr, allow_remote=metrics_allow_remote)
         if metrics_addr is not None
@@ -95,5 +107,7 @@ def run(
         resync=resync,
         recover=recover,
         metrics_address=metrics,
+        git=git,
+        git_interval=git_interval or 60.0,
     )
     Controller(runtime, settings).run()

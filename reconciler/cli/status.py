@@ -16,6 +16,7 @@ from reconciler.engine.plan import diff_limits
 from reconciler.kernel.types import CgroupLimits, CgroupState, IoLimit, owner_tag
 from reconciler.state.conditions import set_condition
 from reconciler.state.model import EnvironmentRecord, NetworkRecord, StateDocument
+from reconciler.state.suspend import is_suspended
 
 
 def build_status(runtime: Runtime, state: StateDocument, names: Sequence[str]) -> dict[str, Any]:
@@ -35,7 +36,8 @@ def build_status(runtime: Runtime, state: StateDocument, names: Sequence[str]) -
     selected = [n for n in sorted(state.environments) if not names or n in names]
     return {
         "instance": instance,
-        "source": state.source.model_dump(mode="json", by_alias=True),
+        "source": state.source.model_dump(mode="json", by_alias=True)
+        | {"suspended": is_suspended(runtime.store.dir)},
         "networks": [
             _network(instance, name, record, observed)
             for name, record in sorted(state.networks.items())

@@ -30,19 +30,24 @@ from reconciler.cli.common import report_outcome, save_state, user_errors
 from reconciler.cli.runtime import Runtime
 from reconciler.engine.reconcile import reconcile
 from reconciler.errors import ManifestError
-from reconciler.manifests.loader import LoadResult
-from reconciler.sources import Fetched, SourceError
+from reconciler.sources import SourceError
 from reconciler.sources.git import (
     GitSource,
     classify_ref,
     normalize_repo_path,
     normalize_url,
 )
-from reconciler.state.model import StateDocument
+from reconciler.sources.sync import (
+    CHECKOUT_DIR,
+    EVENT_KIND,
+    SyncRefused,
+    fetch_and_load,
+    record_applied,
+    record_refusal,
+)
+from reconciler.state.suspend import is_suspended, set_suspended
 
-CHECKOUT_DIR = "git"
 """The instance's checkout, under `<state-dir>/<instance>/`."""
-EVENT_KIND = "GitRepository"
 
 
 # --------------------------------------------------------------------------- option checks
@@ -126,10 +131,25 @@ def sync(
     drivers = runtime.drivers()  # not root: say so before fetching anything
     with runtime.store.lock(command="reconciler sync"):
         state = runtime.load_state()
-        if state.source.suspended:
+        if is_suspended(runtime.store.dir):
             click.echo("sync suspended; run `reconciler resume` to apply the repository again")
             return
-        fetched, result = _fetch_and_load(runtime, source, state)
+        try:
+            fetched, result = fetch_and_load(
+                source, previous=state.source, load=runtime.load_manifests
+            )
+        except SyncRefused as refused:
+            record_refusal(
+                store=runtime.store,
+                events=runtime.events,
+                state=state,
+                source=source,
+                refused=refused,
+                on_disk=runtime.store.exists(),
+            )
+            if refused.lines:
+                raise ManifestError(refused.lines) from None
+            raise
         click.echo(f"{source.display_url} {source.display_ref}: revision {fetched.revision}")
         outcome = reconcile(
             instance=runtime.options.instance,
@@ -140,61 +160,9 @@ def sync(
             source=source.applied(fetched),
         )
         save_state(runtime, outcome.state, previous=state, plan=outcome.plan)
-        if state.source.revision != fetched.revision or state.source.url != source.display_url:
-            runtime.events.emit(
-                type="Normal",
-                reason="Synced",
-                kind=EVENT_KIND,
-                name=source.display_url,
-                message=f"applied revision {fetched.revision} ({source.display_ref}, "
-                f"path {source.path})",
-            )
+        record_applied(events=runtime.events, before=state.source, source=source, fetched=fetched)
     if report_outcome(outcome, nothing="The host matches the repository."):
         raise SystemExit(1)
-
-
-def _fetch_and_load(
-    runtime: Runtime, source: GitSource, state: StateDocument
-) -> tuple[Fetched, LoadResult]:
-    """The commit's manifests, all valid; otherwise record the failure and raise."""
-    try:
-        fetched = source.fetch()
-        result = runtime.load_manifests([fetched.root])
-    except SourceError as exc:
-        _record_failure(runtime, source, state, error=exc.message, revision=exc.revision)
-        raise
-    if result.errors:
-        lines = source.manifest_errors(fetched, result.errors)
-        more = f" (and {len(lines) - 1} more)" if len(lines) > 1 else ""
-        _record_failure(
-            runtime, source, state, error=f"{lines[0]}{more}", revision=fetched.revision
-        )
-        raise ManifestError(
-            [*lines, f"error: revision {fetched.short} not applied; nothing changed"]
-        )
-    return fetched, result
-
-
-def _record_failure(
-    runtime: Runtime,
-    source: GitSource,
-    state: StateDocument,
-    *,
-    error: str,
-    revision: str | None,
-) -> None:
-    """Keep everything as applied; only the source's attempt fields change."""
-    new_state = state.model_copy(deep=True)
-    new_state.source = source.failed(state.source, error=error, revision=revision)
-    previous = state if runtime.store.exists() else None
-    runtime.store.save_if_changed(new_state, previous=previous, summary="sync failed")
-    runtime.events.emit(
-        type="Warning",
-        reason="SyncFailed",
-        kind=EVENT_KIND,
-        name=source.display_url,
-        message=new_state.source.last_error or "sync failed",
-    )
 
 
 # --------------------------------------------------------------------------- suspend / resume
@@ -218,23 +186,18 @@ def resume(runtime: Runtime) -> None:
 
 def _set_suspended(runtime: Runtime, *, suspended: bool) -> None:
     word = "suspended" if suspended else "resumed"
-    with runtime.store.lock(command=f"reconciler {'suspend' if suspended else 'resume'}"):
-        state = runtime.load_state()
-        if state.source.suspended == suspended:
-            click.echo(f"sync already {word}; nothing changed")
-            return
-        new_state = state.model_copy(deep=True)
-        new_state.source.suspended = suspended
-        previous = state if runtime.store.exists() else None
-        runtime.store.save_if_changed(new_state, previous=previous, summary=f"sync {word}")
-        source = new_state.source
-        runtime.events.emit(
-            type="Normal",
-            reason="SyncSuspended" if suspended else "SyncResumed",
-            kind=EVENT_KIND if source.kind == "git" else "Manifests",
-            name=(source.url if source.kind == "git" else source.path) or "-",
-            message=f"sync {word}",
-        )
+    # No lock: a running controller holds it for good; the flag file is atomic.
+    if not set_suspended(runtime.store.dir, suspended=suspended):
+        click.echo(f"sync already {word}; nothing changed")
+        return
+    source = runtime.load_state().source
+    runtime.events.emit(
+        type="Normal",
+        reason="SyncSuspended" if suspended else "SyncResumed",
+        kind=EVENT_KIND if source.kind == "git" else "Manifests",
+        name=(source.url if source.kind == "git" else source.path) or "-",
+        message=f"sync {word}",
+    )
     if suspended:
         click.echo("sync suspended; environments keep running as they are; `reconciler resume`")
     else:

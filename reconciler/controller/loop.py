@@ -72,10 +72,14 @@ from reconciler.engine.reconcile import ReconcileResult, reconcile
 from reconciler.errors import ReconcilerError, StateError
 from reconciler.kernel.logfiles import log_path, rotate_if_needed
 from reconciler.manifests.loader import LoadResult
+from reconciler.sources import Fetched
+from reconciler.sources.git import GitSource
+from reconciler.sources.sync import SyncRefused, fetch_and_load, record_applied, record_refusal
 from reconciler.state.events import EventLog
 from reconciler.state.lock import InstanceLock
 from reconciler.state.model import SourceRecord, StateDocument
 from reconciler.state.store import StateCorruptError, StateStore
+from reconciler.state.suspend import is_suspended
 
 log = structlog.get_logger("reconciler.controller")
 
@@ -119,6 +123,8 @@ class Settings:
     stop_timeout: float = 120.0  # how long a stop waits for the reconcile in flight
     idle_wake: float = 5.0  # the worker's longest wait: re-checks shutdown at least this often
     metrics_address: ListenAddress | None = None  # serve Prometheus metrics here
+    git: GitSource | None = None  # desired state from a repository instead of --manifests
+    git_interval: float = 60.0  # seconds between fetches of `git`
 
 
 class Controller:
@@ -155,6 +161,10 @@ class Controller:
         self._deferred_since: float | None = None  # worker only: see _should_defer
         self._gc_due = threading.Event()  # collect orphans after the next reconcile
         self._gc_due.set()  # ... the first one: what a crash of the last run left
+        self._git_failed = False
+        self._fetch_due = threading.Event()  # git mode: fetch before the next reconcile
+        self._fetch_due.set()
+        self._fetched: tuple[Fetched, LoadResult] | None = None  # git mode: last good commit
         self._exits = ExitWatcher(on_exit=lambda: self._queue.add(ALL))
         self.metrics = Metrics()
         self.metrics.track_queue(self._queue.depth)
@@ -173,7 +183,8 @@ class Controller:
         worker = threading.Thread(target=self._work_loop, name="reconciler-worker", daemon=True)
         ticker = threading.Thread(target=self._tick_loop, name="reconciler-ticker", daemon=True)
         try:
-            self._watcher.start()
+            if self._settings.git is None:
+                self._watcher.start()
             self._exits.start()
             worker.start()
             ticker.start()
@@ -256,12 +267,13 @@ class Controller:
             self._drivers = self._runtime.drivers()
             self._load_state()
             manifests = self._settings.manifests
-            if not manifests.is_dir():
-                raise ReconcilerError(
-                    f"manifests directory {manifests} does not exist; create it or pass "
-                    "--manifests DIR (a missing directory never means 'delete everything')"
-                )
-            self._check_state_dir_outside(manifests)
+            if self._settings.git is None:
+                if not manifests.is_dir():
+                    raise ReconcilerError(
+                        f"manifests directory {manifests} does not exist; create it or pass "
+                        "--manifests DIR (a missing directory never means 'delete everything')"
+                    )
+                self._check_state_dir_outside(manifests)
             address = self._settings.metrics_address
             if address is not None:
                 self._metrics_server = self.metrics.serve(address)
@@ -361,8 +373,14 @@ class Controller:
     def _tick_loop(self) -> None:
         """Ticker thread: debounced file batches and the resync timer become keys."""
         next_resync = self._next_resync()
+        next_fetch = self._clock() + self._settings.git_interval
         while not self._stopping.is_set():
             self._poke.clear()
+            if self._settings.git is not None and self._clock() >= next_fetch:
+                log.debug("git.poll_due")
+                self._fetch_due.set()
+                self._queue.add(ALL)
+                next_fetch = self._clock() + self._settings.git_interval
             batch = self._debouncer.ready()
             if batch:
                 self._watcher.ensure_watching()
@@ -375,6 +393,8 @@ class Controller:
                 self._queue.add(ALL)
                 next_resync = self._next_resync()
             wake = next_resync
+            if self._settings.git is not None:
+                wake = min(wake, next_fetch)
             pending = self._debouncer.deadline()
             if pending is not None:
                 wake = min(wake, pending)
@@ -454,8 +474,16 @@ class Controller:
     def _reconcile_once(self) -> bool:
         self._changed = False
         runtime = self._runtime
-        result = runtime.load_manifests()
-        self._report_manifest_errors(result)
+        git = self._settings.git
+        if git is None:
+            result = runtime.load_manifests()
+            self._report_manifest_errors(result)
+            source = runtime.source()
+        else:
+            loaded = self._load_git(git)
+            if loaded is None:
+                return not self._git_failed
+            result, source = loaded
         desired = runtime.desired(result)
         outcome = reconcile(
             instance=self._settings.instance,
@@ -463,8 +491,15 @@ class Controller:
             events=runtime.events,
             desired=desired,
             state=self._state,
-            source=runtime.source(),
+            source=source,
         )
+        if git is not None and self._fetched is not None:
+            record_applied(
+                events=runtime.events,
+                before=self._state.source,
+                source=git,
+                fetched=self._fetched[0],
+            )
         self._save(outcome)
         self._exits.watch(recorded_processes(self._state))
         self._rotate_logs()
@@ -489,6 +524,43 @@ class Controller:
         # Manifest errors are not retried with backoff: only an edit can fix them, and an
         # edit is a file event.
         return outcome.ok
+
+    def _load_git(self, git: GitSource) -> tuple[LoadResult, SourceRecord] | None:
+        """The repository's manifests (fetched when a poll is due), or None: nothing to apply.
+
+        Suspended: nothing happens. A refused fetch or commit is recorded on the source and
+        changes nothing else (guarded prune); `_git_failed` makes the queue back off.
+        """
+        self._git_failed = False
+        if is_suspended(self._runtime.store.dir):
+            log.debug("git.suspended")
+            return None
+        fetched_now = self._fetch_due.is_set() or self._fetched is None
+        if fetched_now:
+            self._fetch_due.clear()
+            try:
+                self._fetched = fetch_and_load(
+                    git, previous=self._state.source, load=self._runtime.load_manifests
+                )
+            except SyncRefused as refused:
+                self._git_failed = True
+                log.warning("git.refused", error=refused.message)
+                self._state = record_refusal(
+                    store=self._runtime.store,
+                    events=self._runtime.events,
+                    state=self._state,
+                    source=git,
+                    refused=refused,
+                    on_disk=self._on_disk,
+                )
+                self._on_disk = True
+                self._fetched = None
+                return None
+        assert self._fetched is not None
+        fetched, result = self._fetched
+        # Between polls keep the recorded fetch time: a resync must not rewrite the state.
+        keep_time = None if fetched_now else (self._state.source.last_fetch_time or None)
+        return result, git.applied(fetched, now=keep_time)
 
     def _rotate_logs(self) -> None:
         """Keep every workload's capture file bounded (a stat per process when small)."""

@@ -793,10 +793,10 @@ def test_metrics_on_a_non_loopback_address_needs_the_flag(
     assert "Traceback" not in result.stderr
 
 
-def test_git_options_are_a_usage_error(controller: Controller) -> None:
-    result = controller.cli("run", "--git-url", "https://example.invalid/repo.git")
+def test_git_options_without_a_url_are_a_usage_error(controller: Controller) -> None:
+    result = controller.cli("run", "--git-ref", "main")
     assert result.returncode == 2
-    assert "not supported yet" in result.stderr
+    assert "--git-ref needs --git-url" in result.stderr
 
 
 def test_state_dir_inside_the_manifests_directory_is_refused(controller: Controller) -> None:
