@@ -157,7 +157,7 @@ def sync(
             events=runtime.events,
             desired=runtime.desired(result),
             state=state,
-            source=source.applied(fetched),
+            source=source.applied(fetched, previous=state.source),
         )
         save_state(runtime, outcome.state, previous=state, plan=outcome.plan)
         record_applied(events=runtime.events, before=state.source, source=source, fetched=fetched)

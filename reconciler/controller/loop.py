@@ -560,7 +560,7 @@ class Controller:
         fetched, result = self._fetched
         # Between polls keep the recorded fetch time: a resync must not rewrite the state.
         keep_time = None if fetched_now else (self._state.source.last_fetch_time or None)
-        return result, git.applied(fetched, now=keep_time)
+        return result, git.applied(fetched, now=keep_time, previous=self._state.source)
 
     def _rotate_logs(self) -> None:
         """Keep every workload's capture file bounded (a stat per process when small)."""

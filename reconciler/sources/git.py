@@ -49,11 +49,11 @@ import subprocess
 import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from pathlib import Path, PurePosixPath
 from urllib.parse import unquote
 
 from reconciler.sources import Fetched, SourceError, short_revision
+from reconciler.state.conditions import now_rfc3339, set_condition
 from reconciler.state.model import SourceRecord
 
 FETCH_TIMEOUT = 120.0  # seconds: a fetch of a large repository over a slow link
@@ -413,11 +413,6 @@ def run_command(
     )
 
 
-def now_rfc3339() -> str:
-    """The current time as the state file writes it."""
-    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
 # --------------------------------------------------------------------------- the source
 
 
@@ -472,8 +467,17 @@ class GitSource:
 
     # ------------------------------------------------------------------ records
 
-    def applied(self, fetched: Fetched, *, now: str | None = None) -> SourceRecord:
-        """The state's `source` after `fetched` was applied."""
+    def applied(
+        self, fetched: Fetched, *, now: str | None = None, previous: SourceRecord | None = None
+    ) -> SourceRecord:
+        """The state's `source` after `fetched` was applied (`Stalled` False)."""
+        conditions = set_condition(
+            previous.conditions if previous else [],
+            type="Stalled",
+            status="False",
+            reason="Synced",
+            message=f"revision {fetched.revision}",
+        )
         return SourceRecord(
             kind="git",
             url=self.display_url,
@@ -484,6 +488,7 @@ class GitSource:
             last_fetch_time=now or now_rfc3339(),
             last_error=None,
             suspended=False,
+            conditions=conditions,
         )
 
     def failed(
@@ -511,6 +516,13 @@ class GitSource:
             last_fetch_time=now or now_rfc3339(),
             last_error=self.redact(_one_line(error)),
             suspended=previous.suspended,
+            conditions=set_condition(
+                previous.conditions,
+                type="Stalled",
+                status="True",
+                reason="SyncFailed",
+                message=self.redact(_one_line(error)),
+            ),
         )
 
     # ------------------------------------------------------------------ fetch

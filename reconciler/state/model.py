@@ -173,6 +173,7 @@ class SourceRecord(_Record):
     last_fetch_time: str | None = Field(default=None, alias="lastFetchTime")
     last_error: str | None = Field(default=None, alias="lastError")
     suspended: bool = False
+    conditions: list[Condition] = Field(default_factory=list)  # Stalled: the last sync failed
 
 
 class HistoryEntry(_Record):

@@ -72,6 +72,8 @@ def test_run_follows_the_repository(
     assert source["revision"] == edited, "a commit that fails validation is never applied"
     assert source["lastError"] and "web.yaml" in source["lastError"], source
     assert live_envs(rc) == {"web"}, "a failed commit prunes nothing"
+    stalled = {c["type"]: c for c in source["conditions"]}["Stalled"]
+    assert stalled["status"] == "True" and stalled["reason"] == "SyncFailed", stalled
 
     rc.ok("suspend")
     repo.commit({"web.yaml": None, "api.yaml": env_yaml("api")}, message="replace")

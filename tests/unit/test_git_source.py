@@ -286,7 +286,7 @@ def test_records_keep_the_applied_revision_on_failure(tmp_path: Path) -> None:
         url="https://user:secret@example.invalid/r.git", checkout_dir=tmp_path, ref="main"
     )
     applied = source.applied(Fetched(root=tmp_path, revision=SHA), now="2026-01-01T00:00:00Z")
-    assert applied == SourceRecord(
+    assert applied.model_copy(update={"conditions": []}) == SourceRecord(
         kind="git",
         url="https://example.invalid/r.git",
         ref="main",
@@ -297,6 +297,7 @@ def test_records_keep_the_applied_revision_on_failure(tmp_path: Path) -> None:
         lastError=None,
         suspended=False,
     )
+    assert [(c.type, c.status) for c in applied.conditions] == [("Stalled", "False")]
     newer = "b" * 40
     failed = source.failed(
         applied.model_copy(update={"suspended": True}),
@@ -308,6 +309,9 @@ def test_records_keep_the_applied_revision_on_failure(tmp_path: Path) -> None:
     assert failed.last_attempted_revision == newer
     assert failed.last_error == "rev bbbbbbb: web.yaml:3: bad for user:***"
     assert failed.suspended is True
+    stalled = failed.conditions[0]
+    assert (stalled.type, stalled.status, stalled.reason) == ("Stalled", "True", "SyncFailed")
+    assert "secret" not in stalled.message
     # A fetch failure knows no revision: the last attempted one stays.
     again = source.failed(failed, error="cannot fetch", revision=None)
     assert again.last_attempted_revision == newer and again.revision == SHA
