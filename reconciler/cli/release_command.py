@@ -16,12 +16,10 @@ changes or until this command. Two cases, told apart by the instance lock:
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
-from functools import wraps
-from typing import ParamSpec, TypeVar
 
 import click
 
+from reconciler.cli.common import user_errors
 from reconciler.cli.runtime import Runtime
 from reconciler.engine.isolation import isolation_spec
 from reconciler.errors import LockedError, ReconcilerError
@@ -29,21 +27,7 @@ from reconciler.health.actions import release_dir, release_pending, request_rele
 from reconciler.health.monitor import health_conditions, quarantined_in
 from reconciler.state.model import StateDocument
 
-P = ParamSpec("P")
-R = TypeVar("R")
 _POLL = 0.1  # seconds between looks at the request file: a user waiting, not a sync
-
-
-def _user_errors(func: Callable[P, R]) -> Callable[P, R]:
-    """main.py's `user_errors`, looked up at call time (main imports this module)."""
-
-    @wraps(func)
-    def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
-        from reconciler.cli.main import user_errors
-
-        return user_errors(func)(*args, **kwargs)
-
-    return wrapper
 
 
 @click.command()
@@ -57,7 +41,7 @@ def _user_errors(func: Callable[P, R]) -> Callable[P, R]:
     help="With a controller running: how long to wait for it to take the request.",
 )
 @click.pass_obj
-@_user_errors
+@user_errors
 def release(runtime: Runtime, name: str, wait: float) -> None:
     """Lift the quarantine of environment NAME and restore its network."""
     state = runtime.load_state()

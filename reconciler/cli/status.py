@@ -13,6 +13,7 @@ from typing import Any
 from reconciler.cli.runtime import Runtime
 from reconciler.engine.observe import Observation, observe
 from reconciler.engine.plan import diff_limits
+from reconciler.health.monitor import health_status
 from reconciler.kernel.types import CgroupLimits, CgroupState, IoLimit, owner_tag
 from reconciler.state.conditions import set_condition
 from reconciler.state.model import EnvironmentRecord, NetworkRecord, StateDocument
@@ -83,9 +84,10 @@ def _environment(
 ) -> dict[str, Any]:
     cgroup = observed.cgroups.get(name)
     drift = _drift(instance, name, record, observed, cgroup)
-    phase = record.phase
-    conditions = list(record.conditions)
-    if drift and phase == "Ready":
+    health = health_status(record)  # failing probes and quarantine make Ready -> Degraded
+    phase = health.phase
+    conditions = list(health.conditions)
+    if drift and phase in ("Ready", "Degraded"):
         phase = "Degraded"
         conditions = set_condition(
             conditions, type="Ready", status="False", reason="Drifted", message="; ".join(drift)
@@ -124,8 +126,9 @@ def _environment(
         if holder
         else None,
         "processes": _processes(name, record, observed),
-        "probes": [],
-        "violations": [],
+        "probes": health.probes,
+        "violations": health.violations,
+        "quarantined": health.quarantined,
         "specHash": record.spec_hash,
         "lastReconciled": record.last_reconciled or None,
         "lastError": record.last_error,

@@ -53,7 +53,7 @@ import time
 import traceback
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import FrameType
 from typing import Protocol
@@ -70,6 +70,7 @@ from reconciler.engine.desired import Desired
 from reconciler.engine.orphans import NETNS_DIR, Collected, collect_orphans, owned_objects
 from reconciler.engine.reconcile import ReconcileResult, reconcile
 from reconciler.errors import ReconcilerError, StateError
+from reconciler.health.monitor import HealthMonitor
 from reconciler.kernel.logfiles import log_path, rotate_if_needed
 from reconciler.manifests.loader import LoadResult
 from reconciler.sources import Fetched
@@ -166,6 +167,7 @@ class Controller:
         self._fetch_due.set()
         self._fetched: tuple[Fetched, LoadResult] | None = None  # git mode: last good commit
         self._exits = ExitWatcher(on_exit=lambda: self._queue.add(ALL))
+        self._monitor: HealthMonitor | None = None  # probes and policy, once started
         self.metrics = Metrics()
         self.metrics.track_queue(self._queue.depth)
         self._metrics_server: MetricsServer | None = None
@@ -186,6 +188,15 @@ class Controller:
             if self._settings.git is None:
                 self._watcher.start()
             self._exits.start()
+            self._monitor = HealthMonitor(
+                instance=self._settings.instance,
+                drivers=self._require_drivers(),
+                state=lambda: self._state,
+                events=self._runtime.events,
+                request_reconcile=lambda: self._queue.add(ALL),
+                instance_dir=self._runtime.store.dir,
+            )
+            self._monitor.start()
             worker.start()
             ticker.start()
             self._queue.add(ALL)  # converge once at startup, whatever the triggers say
@@ -203,6 +214,8 @@ class Controller:
                 ticker.join(timeout=2.0)
             self._watcher.stop(timeout=2.0)
             self._exits.stop()
+            if self._monitor is not None:
+                self._monitor.stop()
             restore()
             self._close_metrics()
             self._release()
@@ -485,14 +498,19 @@ class Controller:
                 return not self._git_failed
             result, source = loaded
         desired = runtime.desired(result)
+        # Health first: a quarantine the policy loop decided must be in the isolation the
+        # plan compares with the kernel.
+        current = self._monitor.annotate(self._state) if self._monitor else self._state
         outcome = reconcile(
             instance=self._settings.instance,
             drivers=self._require_drivers(),
             events=runtime.events,
             desired=desired,
-            state=self._state,
+            state=current,
             source=source,
         )
+        if self._monitor is not None:
+            outcome = replace(outcome, state=self._monitor.annotate(outcome.state))
         if git is not None and self._fetched is not None:
             record_applied(
                 events=runtime.events,

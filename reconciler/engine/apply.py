@@ -483,6 +483,14 @@ def _environment_record(
         cgroup_paths=list(previous.cgroup_paths) if previous else [],
         holder=previous.holder if previous else None,
         processes={n: w.model_copy() for n, w in previous.processes.items()} if previous else {},
+        probes=dict(previous.probes) if previous else {},
+        violations=list(previous.violations) if previous else [],
+        # A change of the environment's spec lifts its quarantine (so does `release`).
+        quarantine=previous.quarantine
+        if previous is not None
+        and previous.quarantine is not None
+        and previous.quarantine.spec_hash == want.spec_hash
+        else None,
         netns_inode=previous.netns_inode if previous else None,
         phase=previous.phase if previous else "Pending",
         conditions=list(previous.conditions) if previous else [],

@@ -43,8 +43,13 @@ def isolation_spec(
                 ingress=tuple(ingress),
             )
         )
+    # A quarantine is recorded on the environment (by the policy loop) and lasts until
+    # `reconciler release` or a change of the env's spec.
+    recorded = {name for name, r in state.environments.items() if r.quarantine is not None}
     return IsolationSpec(
-        instance=instance, networks=tuple(networks), quarantined=frozenset(quarantined)
+        instance=instance,
+        networks=tuple(networks),
+        quarantined=frozenset(quarantined) | frozenset(recorded),
     )
 
 

@@ -66,6 +66,7 @@ from reconciler.health.actions import (
 from reconciler.health.probes import (
     ProbeOutcome,
     ProbeState,
+    ProbeTarget,
     Transition,
     after_restart,
     from_record,
@@ -86,11 +87,14 @@ from reconciler.health.violations import (
     denied_by_env,
     describe_denied,
     describe_escape,
-    escaped,
     find_counter_files,
+    identify,
+    outside_cgroup,
     read_counters,
-    scan_netns_members,
+    scan_netns,
+    still_in_netns,
     throttle_step,
+    uptime,
 )
 from reconciler.kernel.cgroupfs import format_bytes
 from reconciler.kernel.processes import ProcessDriver
@@ -396,7 +400,8 @@ class HealthMonitor:
         self.settings = settings or HealthSettings()
         self._clock = clock
         self._wall = wall
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # guards the memory below, never held during I/O
+        self._policy_lock = threading.Lock()
         self._scheduler = Scheduler(rng=rng)
         self._envs: dict[str, _Env] = {}
         self._specs: dict[str, EnvironmentSpec | None] = {}  # by spec hash
@@ -405,6 +410,9 @@ class HealthMonitor:
         self._denied: CounterTracker[tuple[str, str]] = CounterTracker()
         self._escapes_seen: set[tuple[int, int]] = set()  # (pid, start time) reported
         self._escape_ns: dict[tuple[int, int], NsId] = {}  # escaped (pid, start) -> its netns
+        self._paths: dict[str, tuple[str, ...]] = {}  # env -> cgroup directories
+        self._planned: StateDocument | None = None  # the state the dispatch plan is for
+        self._plan: dict[ProbeKey, tuple[Probe, ProbeTarget]] = {}
         self._stopping = threading.Event()
         self._wake = threading.Event()
         self._threads: list[threading.Thread] = []
@@ -431,7 +439,8 @@ class HealthMonitor:
         log.info("health.started", instance=self.instance, workers=self.settings.workers)
 
     def stop(self, *, timeout: float = 10.0) -> None:
-        """Stop the loops; probes in flight end at their own timeouts (bounded)."""
+        """Stop the loops; probes in flight are cancelled (within half a second, their
+        exec processes killed) and their outcome is not recorded."""
         self._stopping.set()
         self._wake.set()
         for thread in self._threads:
@@ -470,8 +479,11 @@ class HealthMonitor:
         """`state` with every environment's health fields as the monitor knows them.
 
         Returns `state` itself when nothing differs, else a copy (the input is never
-        mutated: the controller compares it with what it saves).
+        mutated: the controller compares it with what it saves). `state` is taken as the
+        document about to become current: the monitor syncs with it first (a changed spec
+        lifts a quarantine and resets changed probes now, not a tick later).
         """
+        self._sync(state)
         updates: dict[str, tuple[dict[str, ProbeRecord], list[ViolationRecord], Any, Any]] = {}
         with self._lock:
             for name, record in state.environments.items():
@@ -530,6 +542,7 @@ class HealthMonitor:
                     lifted.append(name)
             for gone in set(self._envs) - set(state.environments):
                 del self._envs[gone]
+                self._paths.pop(gone, None)
         for name in lifted:
             self._released(name, why="its manifest changed")
         return views
@@ -571,43 +584,52 @@ class HealthMonitor:
             self._wake.clear()
 
     def _dispatch_due(self) -> None:
-        views = self._sync(self._state())
-        periods: dict[ProbeKey, float] = {}
-        for name, view in views.items():
-            if view.active and view.spec is not None:
-                for probe in view.spec.probes:
-                    periods[(name, probe.name)] = float(probe.period_seconds)
+        state = self._state()
+        if state is not self._planned:
+            self._replan(state)
         now = self._clock()
         with self._lock:
-            self._scheduler.sync(periods, now=now)
             due = self._scheduler.take_due(now=now)
         pool = self._pool
         for key in due:
-            view = views[key[0]]
-            assert view.spec is not None
-            probe = next(p for p in view.spec.probes if p.name == key[1])
-            target = target_for(
-                view.name,
-                view.record,
-                cgroup_procs=self._drivers.cgroups.procs_files(env=view.name),
-            )
-            if pool is None:
+            planned = self._plan.get(key)
+            if pool is None or planned is None:
                 self._finish(key)
                 continue
-            pool.submit(self._probe_task, key, probe, target)
+            pool.submit(self._probe_task, key, *planned)
+
+    def _replan(self, state: StateDocument) -> None:
+        """A new state document: which probes run, where, and how often."""
+        views = self._sync(state)
+        plan: dict[ProbeKey, tuple[Probe, ProbeTarget]] = {}
+        for name, view in views.items():
+            if not view.active or view.spec is None or not view.spec.probes:
+                continue
+            procs = tuple(os.path.join(p, "cgroup.procs") for p in self._cgroup_paths(name))
+            target = target_for(name, view.record, cgroup_procs=procs)
+            for probe in view.spec.probes:
+                plan[(name, probe.name)] = (probe, target)
+        periods = {key: float(probe.period_seconds) for key, (probe, _) in plan.items()}
+        with self._lock:
+            self._scheduler.sync(periods, now=self._clock())
+        self._plan = plan
+        self._planned = state
 
     def _finish(self, key: ProbeKey) -> None:
         with self._lock:
             self._scheduler.finished(key)
 
-    def _probe_task(self, key: ProbeKey, probe: Probe, target: Any) -> None:
+    def _probe_task(self, key: ProbeKey, probe: Probe, target: ProbeTarget) -> None:
         try:
             try:
-                outcome = run_probe(probe, target, processes=self._drivers.processes)
+                outcome = run_probe(
+                    probe, target, processes=self._drivers.processes, cancel=self._stopping
+                )
             except Exception as exc:  # a bug in a probe must count as a failure, not vanish
                 log.error("probe.crashed", env=key[0], probe=key[1], error=repr(exc))
                 outcome = ProbeOutcome(ok=False, message=f"probe crashed: {exc!r}")
-            self.record_probe(key[0], probe, outcome)
+            if not self._stopping.is_set():  # a cancelled probe says nothing about the env
+                self.record_probe(key[0], probe, outcome)
         finally:
             self._finish(key)
 
@@ -633,6 +655,8 @@ class HealthMonitor:
                     )
                     state = after_restart(state)
             known.probes[probe.name] = state
+        if transition is Transition.NONE and outcome.ok:
+            return transition  # the common case: nothing to tell, nothing to save
         bound = log.bind(env=env, probe=probe.name)
         if transition is Transition.UNHEALTHY:
             then = f"; restarting {', '.join(request.processes)}" if request else ""
@@ -700,6 +724,10 @@ class HealthMonitor:
 
     def check_policy(self) -> list[ViolationRecord]:
         """One policy pass (the policy thread runs it every `policy_period`)."""
+        with self._policy_lock:  # the trackers compare with *the* previous pass
+            return self._policy_pass()
+
+    def _policy_pass(self) -> list[ViolationRecord]:
         views = self._sync(self._state())
         released = self._take_release_requests()
         found = self._cgroup_violations(views)
@@ -721,7 +749,7 @@ class HealthMonitor:
             if env is None:
                 continue
             if files is None:
-                files = find_counter_files(self._drivers.cgroups.paths(env=name))
+                files = find_counter_files(self._cgroup_paths(name))
             counters = read_counters(files)
             if counters.oom_kills is not None:
                 oom[name] = counters.oom_kills
@@ -794,20 +822,29 @@ class HealthMonitor:
             if view.record.netns_inode not in (None, st.st_ino):
                 continue  # a pin we did not make: not ours to judge
             pins[(st.st_dev, st.st_ino)] = name
-        members = scan_netns_members(
-            pins, min_age=self.settings.escape_min_age, skip=frozenset({os.getpid()})
-        )
-        by_env: dict[str, list[NetnsMember]] = {}
-        for member in members:
-            by_env.setdefault(member.env, []).append(member)
-        hierarchies = {
-            env: self._membership(env, {m.pid for m in found}) for env, found in by_env.items()
-        }
-        escapes = escaped(members, hierarchies)
+        inside = scan_netns(pins, skip=frozenset({os.getpid()}))
+        by_env: dict[str, set[int]] = {}
+        for pid, env in inside.items():
+            by_env.setdefault(env, set()).add(pid)
+        hierarchies = {env: self._membership(env, pids) for env, pids in by_env.items()}
+        ns_of = {name: ns for ns, name in pins.items()}
+        escapes: list[NetnsMember] = []
+        now = uptime() if inside else 0.0
+        # Rare from here on: only processes that looked outside their env's cgroup.
+        for pid, env in sorted(outside_cgroup(inside, hierarchies).items()):
+            member = identify(
+                pid, env, ns=ns_of[env], min_age=self.settings.escape_min_age, now=now
+            )
+            if member is None:
+                continue
+            # The listing judged whoever had this pid then; judge again, and make sure
+            # the identity did not change across it (a recycled pid is not an escape).
+            again = outside_cgroup({pid: env}, {env: self._membership(env, {pid})})
+            if again and still_in_netns(member.ref, ns_of[env]):
+                escapes.append(member)
         current = {(m.pid, m.start_time) for m in escapes}
         fresh = [m for m in escapes if (m.pid, m.start_time) not in self._escapes_seen]
         self._escapes_seen = current  # forget the gone; alert-only escapes stay reported once
-        ns_of = {name: ns for ns, name in pins.items()}
         self._escape_ns = {(m.pid, m.start_time): ns_of[m.env] for m in escapes}
         return [
             Violation(env=m.env, type="escape", detail=describe_escape(m), offender=m.ref)
@@ -818,16 +855,21 @@ class HealthMonitor:
         """One pid set per cgroup directory of `env`: its top-level listing when that has
         every pid we ask about, else the whole subtree (a workload's own sub-cgroups)."""
         sets: list[frozenset[int]] = []
-        for directory in self._drivers.cgroups.paths(env=env):
-            if not os.path.isdir(directory):
-                continue
+        for directory in self._cgroup_paths(env):
             try:
                 with open(os.path.join(directory, "cgroup.procs"), encoding="ascii") as handle:
                     top = frozenset(int(p) for p in handle.read().split() if p.isdigit())
             except OSError:
-                continue
+                continue  # this hierarchy has no directory for the env: nothing to judge by
             sets.append(top if wanted <= top else cgroup_pids(directory))
         return sets
+
+    def _cgroup_paths(self, env: str) -> tuple[str, ...]:
+        """The env's cgroup directories (derived from its name: cached)."""
+        paths = self._paths.get(env)
+        if paths is None:
+            paths = self._paths[env] = self._drivers.cgroups.paths(env=env)
+        return paths
 
     def _denied_violations(self, views: Mapping[str, _View]) -> list[Violation]:
         env_of = {view.address: name for name, view in views.items() if view.address}
@@ -859,7 +901,7 @@ class HealthMonitor:
         elif decision.kill == "environment":
             holder = view.record.holder
             count = kill_environment(
-                self._drivers.cgroups.paths(env=view.name),
+                self._cgroup_paths(view.name),
                 keep={holder.pid} if holder else (),
             )
             notes.append(f"killed {count} process(es) of the environment, not its holder")

@@ -44,6 +44,7 @@ import os
 import select
 import signal
 import socket
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
@@ -240,20 +241,56 @@ class ProbeError(Exception):
     """A probe could not even be attempted (no netns, no holder); the message says why."""
 
 
-def run_probe(probe: Probe, target: ProbeTarget, *, processes: ProcessDriver) -> ProbeOutcome:
-    """Run one probe against `target`, never longer than its timeout (plus a kill)."""
+class Budget:
+    """A probe's time: its deadline, and a way for a stopping monitor to cut it short.
+
+    Waits are taken in slices of at most `SLICE` seconds so that a cancel is noticed soon,
+    whatever the probe's timeout (up to 600 s).
+    """
+
+    SLICE = 0.5
+
+    def __init__(self, timeout: float, cancel: threading.Event | None = None) -> None:
+        self.timeout = timeout
+        self.deadline = time.monotonic() + timeout
+        self.cancel = cancel
+
+    @property
+    def cancelled(self) -> bool:
+        """True once the monitor asked every probe to stop."""
+        return self.cancel is not None and self.cancel.is_set()
+
+    def slice(self) -> float:
+        """Seconds to wait now; TimeoutError past the deadline, ProbeError when cancelled."""
+        if self.cancelled:
+            raise ProbeError("cancelled: the health monitor is stopping")
+        left = self.deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError
+        return min(left, self.SLICE)
+
+
+def run_probe(
+    probe: Probe,
+    target: ProbeTarget,
+    *,
+    processes: ProcessDriver,
+    cancel: threading.Event | None = None,
+) -> ProbeOutcome:
+    """Run one probe against `target`, never longer than its timeout (plus a kill).
+
+    `cancel`: set by a stopping monitor; the probe ends within half a second (failed).
+    """
     started = time.monotonic()
-    timeout = float(probe.timeout_seconds)
+    budget = Budget(float(probe.timeout_seconds), cancel)
     try:
         if probe.tcp is not None:
-            message = check_tcp(target, port=probe.tcp.port, timeout=timeout)
+            message = check_tcp(target, port=probe.tcp.port, budget=budget)
         elif probe.http is not None:
-            message = check_http(
-                target, port=probe.http.port, path=probe.http.path, timeout=timeout
-            )
+            message = check_http(target, port=probe.http.port, path=probe.http.path, budget=budget)
         elif probe.exec is not None:
             message = check_exec(
-                target, command=probe.exec.command, timeout=timeout, processes=processes
+                target, command=probe.exec.command, budget=budget, processes=processes
             )
         else:  # the model guarantees exactly one check
             raise ProbeError("probe has no check")
@@ -297,57 +334,68 @@ def socket_in_netns(target: ProbeTarget) -> socket.socket:
     return socket.socket(fileno=fd)
 
 
-def _remaining(deadline: float) -> float:
-    left = deadline - time.monotonic()
-    if left <= 0:
-        raise TimeoutError
-    return left
+def _wait(sock: socket.socket, *, write: bool, budget: Budget) -> None:
+    """Until `sock` is writable (or readable); TimeoutError at the deadline."""
+    while True:
+        wait = budget.slice()
+        readable, writable, _ = select.select(
+            [] if write else [sock], [sock] if write else [], [], wait
+        )
+        if readable or writable:
+            return
 
 
-def _connect(target: ProbeTarget, port: int, deadline: float, timeout: float) -> socket.socket:
+def _connect(target: ProbeTarget, port: int, budget: Budget) -> socket.socket:
+    where = f"connect {target.address}:{port}"
     sock = socket_in_netns(target)
     try:
-        sock.settimeout(_remaining(deadline))
-        sock.connect((target.address, port))
+        sock.setblocking(False)
+        err = sock.connect_ex((target.address, port))
+        if err in (errno.EINPROGRESS, errno.EAGAIN):
+            _wait(sock, write=True, budget=budget)
+            err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if err:
+            raise ProbeError(f"{where}: {os.strerror(err)}")
     except TimeoutError:
         sock.close()
-        raise ProbeError(
-            f"connect {target.address}:{port}: no answer within {timeout:g}s"
-        ) from None
-    except OSError as exc:
+        raise ProbeError(f"{where}: no answer within {budget.timeout:g}s") from None
+    except BaseException:
         sock.close()
-        raise ProbeError(f"connect {target.address}:{port}: {_reason(exc)}") from exc
+        raise
     return sock
 
 
-def check_tcp(target: ProbeTarget, *, port: int, timeout: float) -> str:
+def check_tcp(target: ProbeTarget, *, port: int, budget: Budget) -> str:
     """Connect to the env's address:port from inside; raise ProbeError on failure."""
-    deadline = time.monotonic() + timeout
-    _connect(target, port, deadline, timeout).close()
+    _connect(target, port, budget).close()
     return f"connected to {target.address}:{port}"
 
 
-def check_http(target: ProbeTarget, *, port: int, path: str, timeout: float) -> str:
+def check_http(target: ProbeTarget, *, port: int, path: str, budget: Budget) -> str:
     """GET `path` from inside; 200..399 passes; raise ProbeError otherwise."""
-    deadline = time.monotonic() + timeout
-    sock = _connect(target, port, deadline, timeout)
+    sock = _connect(target, port, budget)
     what = f"GET http://{target.address}:{port}{path}"
-    request = (
-        f"GET {path} HTTP/1.0\r\nHost: {target.address}:{port}\r\n"
-        "User-Agent: reconciler-probe\r\nAccept: */*\r\nConnection: close\r\n\r\n"
-    ).encode()
+    request = memoryview(
+        (
+            f"GET {path} HTTP/1.0\r\nHost: {target.address}:{port}\r\n"
+            "User-Agent: reconciler-probe\r\nAccept: */*\r\nConnection: close\r\n\r\n"
+        ).encode()
+    )
     head = b""
     try:
-        sock.settimeout(_remaining(deadline))
-        sock.sendall(request)
+        while request:
+            _wait(sock, write=True, budget=budget)
+            request = request[sock.send(request) :]
         while b"\n" not in head and len(head) < _HTTP_HEAD_MAX:
-            sock.settimeout(_remaining(deadline))
+            _wait(sock, write=False, budget=budget)
             chunk = sock.recv(_HTTP_HEAD_MAX)
             if not chunk:
                 break
             head += chunk
     except TimeoutError:
-        raise ProbeError(f"{what}: no response within {timeout:g}s") from None
+        raise ProbeError(f"{what}: no response within {budget.timeout:g}s") from None
+    except (BlockingIOError, InterruptedError):
+        raise ProbeError(f"{what}: the socket was not ready") from None
     except OSError as exc:
         raise ProbeError(f"{what}: {_reason(exc)}") from exc
     finally:
@@ -578,8 +626,8 @@ def _drain(fd: int, watch: _Watch, *, report: bool) -> bool:
     return True
 
 
-def _supervise(*, child: int, report_fd: int, output_fd: int, deadline: float) -> _Watch:
-    """Follow the run until A exits or the deadline passes."""
+def _supervise(*, child: int, report_fd: int, output_fd: int, budget: Budget) -> _Watch:
+    """Follow the run until A exits, the deadline passes or the monitor stops."""
     watch = _Watch()
     os.set_blocking(output_fd, False)
     pidfd = os.pidfd_open(child)  # our own unreaped child: it cannot be recycled
@@ -590,11 +638,12 @@ def _supervise(*, child: int, report_fd: int, output_fd: int, deadline: float) -
         poller.register(output_fd, select.POLLIN)
         open_fds = {report_fd, output_fd}
         while not watch.exited:
-            left = deadline - time.monotonic()
-            if left <= 0:
+            try:
+                wait = budget.slice()
+            except (TimeoutError, ProbeError):
                 watch.timed_out = True
                 break
-            for fd, _ in poller.poll(left * 1000):
+            for fd, _ in poller.poll(wait * 1000):
                 if fd == pidfd:
                     watch.exited = True
                 elif fd in open_fds and not _drain(fd, watch, report=fd == report_fd):
@@ -641,14 +690,13 @@ def _last_line(output: bytes) -> str:
 
 
 def check_exec(
-    target: ProbeTarget, *, command: Sequence[str], timeout: float, processes: ProcessDriver
+    target: ProbeTarget, *, command: Sequence[str], budget: Budget, processes: ProcessDriver
 ) -> str:
     """Run `command` inside the env (namespaces + cgroup) with a hard deadline.
 
     Exit 0 passes. On timeout the command's tree is killed (its session and descendants,
     pid + start time verified) and the probe fails. Raises ProbeError on failure.
     """
-    deadline = time.monotonic() + timeout
     fds = _FdSet()
     try:
         plan, output_read, report_read = _open_plan(fds, target, command)
@@ -663,7 +711,7 @@ def check_exec(
         fds.close_one(plan.output)
         try:
             watch = _supervise(
-                child=child, report_fd=report_read, output_fd=output_read, deadline=deadline
+                child=child, report_fd=report_read, output_fd=output_read, budget=budget
             )
         except BaseException:
             with contextlib.suppress(ProcessLookupError):
@@ -681,8 +729,10 @@ def check_exec(
             os.kill(child, signal.SIGKILL)  # our own unreaped child: never a stranger
     code = _reap(child)
     shown = " ".join(command)
+    if watch.timed_out and budget.cancelled:
+        raise ProbeError(f"exec {shown}: cancelled, the health monitor is stopping (killed)")
     if watch.timed_out:
-        raise ProbeError(f"exec {shown}: timed out after {timeout:g}s (killed)")
+        raise ProbeError(f"exec {shown}: timed out after {budget.timeout:g}s (killed)")
     if failure is not None:
         raise ProbeError(f"exec {shown}: cannot run: {failure}")
     last = _last_line(watch.output)

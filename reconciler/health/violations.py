@@ -33,7 +33,7 @@ microseconds before the cgroup, and must never look like an escape.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Generic, Literal, TypeVar
 
@@ -265,23 +265,24 @@ def old_enough(start_time: int, *, uptime: float, min_age: float, hz: int = _CLO
     return uptime - start_time / hz >= min_age
 
 
-def escaped(
-    members: Iterable[NetnsMember], cgroups: Mapping[str, Sequence[frozenset[int]]]
-) -> list[NetnsMember]:
-    """The members missing from any of their env's cgroup hierarchies.
+def outside_cgroup(
+    pids: Mapping[int, str], cgroups: Mapping[str, Sequence[frozenset[int]]]
+) -> dict[int, str]:
+    """pid → env for the processes missing from any of their env's cgroup hierarchies.
 
     `cgroups`: env → one pid set per hierarchy directory (with its sub-cgroups). An env
     without any directory (cgroup gone) has nothing to compare with: no verdict.
     """
-    found: list[NetnsMember] = []
-    for member in members:
-        hierarchies = cgroups.get(member.env)
-        if hierarchies and any(member.pid not in pids for pids in hierarchies):
-            found.append(member)
+    found: dict[int, str] = {}
+    for pid, env in pids.items():
+        hierarchies = cgroups.get(env)
+        if hierarchies and any(pid not in members for members in hierarchies):
+            found[pid] = env
     return found
 
 
-def _uptime() -> float:
+def uptime() -> float:
+    """Seconds since boot (/proc/uptime), the clock process start times count in."""
     with open("/proc/uptime", encoding="ascii") as handle:
         return float(handle.read().split()[0])
 
@@ -294,14 +295,7 @@ def _comm(pid: int) -> str:
         return "?"
 
 
-def scan_netns_members(
-    pins: Mapping[NsId, str], *, min_age: float, skip: frozenset[int] = frozenset()
-) -> list[NetnsMember]:
-    """Every process (thread-group leader) inside one of `pins`, old enough to judge."""
-    if not pins:
-        return []
-    found: list[NetnsMember] = []
-    uptime = _uptime()
+def _namespaces(skip: frozenset[int]) -> Iterator[tuple[int, NsId]]:
     with os.scandir("/proc") as entries:
         for entry in entries:
             if not entry.name.isdigit():
@@ -313,14 +307,27 @@ def scan_netns_members(
                 st = os.stat(f"/proc/{pid}/ns/net")
             except OSError:
                 continue  # exited, or a kernel thread we may not look at
-            env = pins.get((st.st_dev, st.st_ino))
-            if env is None:
-                continue  # the common case: one stat and done
-            start_time = process_start_time(pid)
-            if start_time is None or not old_enough(start_time, uptime=uptime, min_age=min_age):
-                continue
-            found.append(NetnsMember(env=env, pid=pid, start_time=start_time, comm=_comm(pid)))
-    return found
+            yield pid, (st.st_dev, st.st_ino)
+
+
+def scan_netns(pins: Mapping[NsId, str], *, skip: frozenset[int] = frozenset()) -> dict[int, str]:
+    """pid → env for every process (thread-group leader) inside one of `pins`.
+
+    One `stat` per process, and nothing more for those in no namespace of ours.
+    """
+    return match_netns(_namespaces(skip), pins) if pins else {}
+
+
+def identify(pid: int, env: str, *, ns: NsId, min_age: float, now: float) -> NetnsMember | None:
+    """The identity of `pid` if it still runs inside `ns` and is old enough to judge.
+
+    `now`: `uptime()`. None for a process that is gone, moved, or younger than `min_age`.
+    """
+    start_time = process_start_time(pid)
+    if start_time is None or not old_enough(start_time, uptime=now, min_age=min_age):
+        return None
+    member = NetnsMember(env=env, pid=pid, start_time=start_time, comm=_comm(pid))
+    return member if still_in_netns(member.ref, ns) else None
 
 
 def cgroup_pids(directory: str) -> frozenset[int]:
