@@ -874,6 +874,10 @@ class HealthMonitor:
     def _denied_violations(self, views: Mapping[str, _View]) -> list[Violation]:
         env_of = {view.address: name for name, view in views.items() if view.address}
         if not env_of:
+            # Nothing to read yet, but this is the baseline: every drop from now on is new
+            # (otherwise the first env's first drops would be swallowed as "old news").
+            if not self._denied.primed:
+                self._denied.update({})
             return []
         try:
             counts = self._drivers.firewall.denied_counts()
