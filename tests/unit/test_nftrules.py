@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import random
 import re
-import subprocess
 from dataclasses import replace
 from typing import Any
 
@@ -494,23 +493,3 @@ def test_any_member_order_renders_the_same(seed: int, count: int, isolation: str
         return script(render(IsolationSpec(instance="p", networks=(net,))), {})
 
     assert build(shuffled_members, shuffled_allows) == build(members, allows)
-
-
-# --------------------------------------------------------------------------- nft -c
-
-
-@pytest.mark.root
-def test_rendered_text_passes_nft_check_mode(sandbox: None) -> None:
-    """`nft -c` parses and validates against the kernel without committing (root only)."""
-    rich = spec(
-        Allow(dst_env="b", src_env="a", ports=(8080,)),
-        Allow(dst_env="c", src_cidr="10.9.0.0/28", protocol="udp"),
-        Allow(dst_env="a", src_env="b"),
-        quarantined=frozenset({"c"}),
-    )
-    for candidate in (rich, spec(), IsolationSpec(instance="demo")):
-        text = script(render(candidate), {})
-        result = subprocess.run(
-            ["nft", "-c", "-f", "-"], input=text, capture_output=True, text=True, check=False
-        )
-        assert result.returncode == 0, f"{result.stderr}\n--- script\n{text}"
