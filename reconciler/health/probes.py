@@ -39,7 +39,6 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
-import fcntl
 import os
 import select
 import signal
@@ -54,6 +53,7 @@ from typing import NoReturn
 
 from reconciler.errors import KernelError
 from reconciler.kernel import netns, nsutil
+from reconciler.kernel.fdset import FdSet, report
 from reconciler.kernel.processes import DEFAULT_PATH, ProcessDriver
 from reconciler.kernel.types import ProcessRef
 from reconciler.manifests.models import Probe
@@ -431,46 +431,8 @@ class _ExecPlan:
     max_fd: int
 
 
-class _FdSet:
-    """fds opened for one exec, closed together; all >= 3 (stdio may be closed)."""
-
-    def __init__(self) -> None:
-        self.fds: list[int] = []
-
-    def add(self, fd: int) -> int:
-        if fd < 3:
-            high = fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 3)
-            os.close(fd)
-            fd = high
-        self.fds.append(fd)
-        return fd
-
-    def open(self, path: str, flags: int) -> int:
-        return self.add(os.open(path, flags | os.O_CLOEXEC))
-
-    def pipe(self) -> tuple[int, int]:
-        read_fd, write_fd = os.pipe2(os.O_CLOEXEC)
-        return self.add(read_fd), self.add(write_fd)
-
-    def close_one(self, fd: int) -> None:
-        self.fds.remove(fd)
-        os.close(fd)
-
-    def close(self) -> None:
-        for fd in self.fds:
-            with contextlib.suppress(OSError):
-                os.close(fd)
-        self.fds.clear()
-
-
-def _report(fd: int, message: str) -> None:
-    # One write below PIPE_BUF is atomic; a vanished reader is not our problem.
-    with contextlib.suppress(OSError):
-        os.write(fd, message.encode(errors="replace"))
-
-
 def _die(fd: int, what: str, err: int, code: int = _EXIT_FAILED) -> NoReturn:
-    _report(fd, f"E{what}: {errno.errorcode.get(err, str(err))} ({os.strerror(err)})\n")
+    report(fd, f"E{what}: {errno.errorcode.get(err, str(err))} ({os.strerror(err)})\n")
     os._exit(code)
 
 
@@ -510,7 +472,7 @@ def _run_entry(plan: _ExecPlan) -> NoReturn:
             _run_command(plan)
         # B is our unreaped child: its pid cannot be anyone else's while we read it.
         step = "identify"
-        _report(plan.report, f"P{child} {_start_time_of(plan.proc_fd, child)}\n")
+        report(plan.report, f"P{child} {_start_time_of(plan.proc_fd, child)}\n")
         os.close(plan.report)
         step = "wait"
         _, status = os.waitpid(child, 0)
@@ -520,7 +482,7 @@ def _run_entry(plan: _ExecPlan) -> NoReturn:
     except OSError as e:
         _die(plan.report, step, e.errno or errno.EIO)
     except BaseException as e:
-        _report(plan.report, f"E{step}: {type(e).__name__}: {e}\n")
+        report(plan.report, f"E{step}: {type(e).__name__}: {e}\n")
     finally:
         os._exit(_EXIT_FAILED)
 
@@ -554,13 +516,13 @@ def _run_command(plan: _ExecPlan) -> NoReturn:
         err = e.errno or errno.EIO
         _die(plan.report, step, err, _EXIT_NOT_FOUND if err == errno.ENOENT else _EXIT_CANNOT_RUN)
     except BaseException as e:
-        _report(plan.report, f"E{step}: {type(e).__name__}: {e}\n")
+        report(plan.report, f"E{step}: {type(e).__name__}: {e}\n")
     finally:
         os._exit(_EXIT_FAILED)
 
 
 def _open_plan(
-    fds: _FdSet, target: ProbeTarget, command: Sequence[str]
+    fds: FdSet, target: ProbeTarget, command: Sequence[str]
 ) -> tuple[_ExecPlan, int, int]:
     """Open the holder's namespaces (proving it is still the holder), the cgroup files and
     the pipes; returns the plan and the read ends of the output and report pipes."""
@@ -570,7 +532,9 @@ def _open_plan(
     namespaces: list[tuple[int, int, str]] = []
     try:
         for name, flag in _NAMESPACES:
-            namespaces.append((fds.open(f"/proc/{holder.pid}/ns/{name}", os.O_RDONLY), flag, name))
+            namespaces.append(
+                (fds.open_fd(f"/proc/{holder.pid}/ns/{name}", os.O_RDONLY), flag, name)
+            )
     except OSError:
         namespaces.clear()
     # Checked after opening: if the holder is still (pid, start time) now, every fd above
@@ -578,14 +542,14 @@ def _open_plan(
     if not namespaces or not process_alive(holder.pid, holder.start_time):
         raise ProbeError(f"the environment's holder (pid {holder.pid}) is not running")
     try:
-        cgroups = tuple(fds.open(path, os.O_WRONLY) for path in target.cgroup_procs)
+        cgroups = tuple(fds.open_fd(path, os.O_WRONLY) for path in target.cgroup_procs)
         output_read, output_write = fds.pipe()
         report_read, report_write = fds.pipe()
         plan = _ExecPlan(
             namespaces=tuple(namespaces),
             cgroups=cgroups,
-            proc_fd=fds.open("/proc", os.O_RDONLY | os.O_DIRECTORY),
-            devnull=fds.open(os.devnull, os.O_RDWR),
+            proc_fd=fds.open_fd("/proc", os.O_RDONLY | os.O_DIRECTORY),
+            devnull=fds.open_fd(os.devnull, os.O_RDWR),
             output=output_write,
             report=report_write,
             argv=tuple(command),
@@ -697,7 +661,7 @@ def check_exec(
     Exit 0 passes. On timeout the command's tree is killed (its session and descendants,
     pid + start time verified) and the probe fails. Raises ProbeError on failure.
     """
-    fds = _FdSet()
+    fds = FdSet()
     try:
         plan, output_read, report_read = _open_plan(fds, target, command)
         try:

@@ -61,7 +61,6 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
-import fcntl
 import grp
 import json
 import os
@@ -79,6 +78,7 @@ from typing import NoReturn, Protocol
 
 from reconciler.errors import KernelError
 from reconciler.kernel import logfiles, nsutil
+from reconciler.kernel.fdset import FdSet, report
 from reconciler.kernel.types import ProcessRef
 from reconciler.state.procinfo import process_alive
 
@@ -277,17 +277,11 @@ class _Launch:
     max_fd: int
 
 
-def _report(fd: int, message: str) -> None:
-    # One write below PIPE_BUF is atomic; a vanished reader (EPIPE) is not our problem.
-    with contextlib.suppress(OSError):
-        os.write(fd, message.encode(errors="replace"))
-
-
 def _die(report_fd: int, what: str, err: int) -> NoReturn:
     name = errno.errorcode.get(err, str(err))
     # fork fails with EAGAIN when the env's cgroup is at its pids limit.
     hint = "; the environment may be at its pids limit" if err == errno.EAGAIN else ""
-    _report(report_fd, f"E{what}: {name} ({os.strerror(err)}){hint}\n")
+    report(report_fd, f"E{what}: {name} ({os.strerror(err)}){hint}\n")
     os._exit(EXIT_NOT_FOUND if err == errno.ENOENT else _EXIT_FAILED)
 
 
@@ -331,7 +325,7 @@ def _run_entry(plan: _Launch) -> NoReturn:
     except OSError as e:
         _die(plan.report_fd, step, e.errno or errno.EIO)
     except BaseException as e:
-        _report(plan.report_fd, f"E{step}: {type(e).__name__}: {e}\n")
+        report(plan.report_fd, f"E{step}: {type(e).__name__}: {e}\n")
     finally:
         # Never return into the controller's stack in a forked copy.
         os._exit(_EXIT_FAILED)
@@ -394,7 +388,7 @@ def _run_shim(plan: _Launch) -> NoReturn:
     except OSError as e:
         _die(plan.report_fd, step, e.errno or errno.EIO)
     except BaseException as e:
-        _report(plan.report_fd, f"E{step}: {type(e).__name__}: {e}\n")
+        report(plan.report_fd, f"E{step}: {type(e).__name__}: {e}\n")
     finally:
         os._exit(_EXIT_FAILED)
 
@@ -431,7 +425,7 @@ def _exec_program(
             proc_fd, ident_fd = identity
             step = "identify"
             ident = _identity(proc_fd)
-            _report(report_fd, f"P{ident}\n")
+            report(report_fd, f"P{ident}\n")
             os.write(ident_fd, ident.encode())
             os.close(ident_fd)
         if program.stdio is not None:
@@ -461,7 +455,7 @@ def _exec_program(
     except OSError as e:
         _die(report_fd, step, e.errno or errno.EIO)
     except BaseException as e:
-        _report(report_fd, f"E{step}: {type(e).__name__}: {e}\n")
+        report(report_fd, f"E{step}: {type(e).__name__}: {e}\n")
     finally:
         os._exit(_EXIT_FAILED)
 
@@ -478,15 +472,8 @@ def _errno_text(exc: OSError) -> str:
     return f"{errno.errorcode.get(exc.errno or 0, '?')} ({exc.strerror})"
 
 
-class _Fds:
-    """fds opened for one fork chain, closed together.
-
-    Every fd is moved to 3 or above: a daemonised controller may run with fds 0-2
-    closed, and the children's dup2() onto 0, 1, 2 must never overwrite one of ours.
-    """
-
-    def __init__(self) -> None:
-        self.fds: list[int] = []
+class _Fds(FdSet):
+    """fds opened for one fork chain (see `fdset`); `open` names what failed."""
 
     def open(self, path: str | Path, flags: int, *, what: str, mode: int = 0o600) -> int:
         try:
@@ -494,29 +481,6 @@ class _Fds:
         except OSError as e:
             raise KernelError(f"open {what}{path}: {_errno_text(e)}") from e
         return self.add(fd)
-
-    def add(self, fd: int) -> int:
-        if fd < 3:
-            high = fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 3)
-            os.close(fd)
-            fd = high
-        self.fds.append(fd)
-        return fd
-
-    def pipe(self) -> tuple[int, int]:
-        """An O_CLOEXEC pipe (read end, write end)."""
-        read_fd, write_fd = os.pipe2(os.O_CLOEXEC)
-        return self.add(read_fd), self.add(write_fd)
-
-    def close_one(self, fd: int) -> None:
-        self.fds.remove(fd)
-        os.close(fd)
-
-    def close(self) -> None:
-        for fd in self.fds:
-            with contextlib.suppress(OSError):
-                os.close(fd)
-        self.fds.clear()
 
 
 def _open_entry(fds: _Fds, *, holder: ProcessRef, cgroup_procs: Sequence[str]) -> _Entry:
@@ -1115,7 +1079,7 @@ def _run_exec_waiter(
     except OSError as e:
         _die(report_fd, step, e.errno or errno.EIO)
     except BaseException as e:
-        _report(report_fd, f"E{step}: {type(e).__name__}: {e}\n")
+        report(report_fd, f"E{step}: {type(e).__name__}: {e}\n")
     finally:
         os._exit(_EXIT_FAILED)
 
