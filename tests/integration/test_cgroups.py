@@ -25,6 +25,7 @@ from reconciler.kernel.cgroups import CgroupV1Driver, CgroupV2Driver, open_cgrou
 from reconciler.kernel.devices import resolve_block_device
 from reconciler.kernel.types import CgroupDriver, CgroupLimits, IoLimit
 from tests import kernel_view
+from tests.gates import unavailable
 from tests.kernel_view import wait_until
 from tests.leaks import leaked_cgroups
 
@@ -79,7 +80,7 @@ def _root_disk() -> tuple[str, str]:
     number = f"{os.major(dev)}:{os.minor(dev)}"
     sysfs = Path("/sys/dev/block") / number
     if not sysfs.exists():
-        pytest.skip(f"/ is not on a block device ({number}): no disk to throttle")
+        unavailable(f"/ is not on a block device ({number}): no disk to throttle")
     uevent = dict(line.split("=", 1) for line in (sysfs / "uevent").read_text().splitlines())
     if (sysfs / "partition").exists():
         number = (sysfs.resolve().parent / "dev").read_text().strip()
@@ -88,7 +89,7 @@ def _root_disk() -> tuple[str, str]:
 
 def _require_hybrid_v1() -> None:
     if discover_layout().driver != "v1":
-        pytest.skip("this test exercises the v1 files; this host runs cgroup v2")
+        unavailable("this test exercises the v1 files; this host runs cgroup v2")
 
 
 # --------------------------------------------------------------------------- fixtures
@@ -330,7 +331,7 @@ def test_remove_kills_every_process_and_removes_every_directory(
 def test_remove_on_pure_v1_kills_by_signal(sandbox: None, instance: str, spawn: Spawn) -> None:
     layout = discover_layout()
     if layout.driver != "v1":
-        pytest.skip("needs cgroup v1 controllers")
+        unavailable("needs cgroup v1 controllers")
     pure_v1 = open_cgroup_driver(
         instance=instance, layout=CgroupLayout(driver="v1", v1_mounts=layout.v1_mounts)
     )
@@ -372,7 +373,7 @@ def test_v2_driver_on_the_unified_tree(sandbox: None, instance: str, spawn: Spaw
     # cgroup.kill and cgroup.events can still be exercised for real.
     unified = discover_layout().unified
     if unified is None:
-        pytest.skip("no cgroup2 mount")
+        unavailable("no cgroup2 mount")
     root_control = Path(unified) / "cgroup.subtree_control"
     root_before = _read(root_control)
     v2 = open_cgroup_driver(instance=instance, layout=CgroupLayout(driver="v2", unified=unified))

@@ -27,6 +27,7 @@ from reconciler.errors import KernelError
 from reconciler.kernel.holder import ForkingHolderDriver
 from reconciler.kernel.types import HolderSpec, ProcessRef
 from tests import kernel_view
+from tests.gates import unavailable
 from tests.kernel_view import wait_until
 
 ALL_NAMESPACES = frozenset({"net", "uts", "ipc", "mnt", "pid"})
@@ -146,7 +147,7 @@ def _rmdir(path: Path) -> bool:
 def driver() -> ForkingHolderDriver:
     """The driver under test (needs catatonit on PATH)."""
     if shutil.which("catatonit") is None:
-        pytest.skip("catatonit is not installed (run hack/setup.sh)")
+        unavailable("catatonit is not installed (run hack/setup.sh)")
     return ForkingHolderDriver()
 
 

@@ -32,6 +32,7 @@ from reconciler.kernel.mounts import MountSpec, apply_mounts
 from reconciler.kernel.processes import PROCESS_ENV_VAR, ForkingProcessDriver
 from reconciler.kernel.types import CgroupDriver, CgroupLimits, HolderSpec, ProcessRef
 from tests import kernel_view
+from tests.gates import unavailable
 from tests.kernel_view import wait_until
 from tests.leaks import leaked_objects
 
@@ -178,7 +179,7 @@ class Env:
 def env(sandbox: None, instance: str, tmp_path: Path) -> Iterator[Env]:
     """A full environment (netns, cgroup, holder with all namespaces); removed afterwards."""
     if shutil.which("catatonit") is None:
-        pytest.skip("catatonit is not installed (run hack/setup.sh)")
+        unavailable("catatonit is not installed (run hack/setup.sh)")
     netns = f"{instance}-e1"
     subprocess.run(["ip", "netns", "add", netns], check=True)
     cgroups = open_cgroup_driver(instance=instance)

@@ -8,6 +8,7 @@ import re
 from collections.abc import Iterator
 from typing import Any
 
+import jsonschema
 import pytest
 import yaml
 from hypothesis import given
@@ -108,7 +109,6 @@ def test_schema_never_rejects_a_quantity_the_reconciler_accepts(text: str) -> No
 
 @pytest.fixture
 def validator() -> Any:
-    jsonschema = pytest.importorskip("jsonschema", reason="jsonschema is not installed")
     schema = manifest_schema()
     jsonschema.Draft202012Validator.check_schema(schema)
     return jsonschema.Draft202012Validator(schema)
