@@ -67,11 +67,12 @@ from reconciler.controller.queue import Backoff, Clock, WorkQueue
 from reconciler.controller.watcher import ManifestWatcher
 from reconciler.engine.apply import Drivers
 from reconciler.engine.desired import Desired
-from reconciler.engine.orphans import NETNS_DIR, Collected, collect_orphans, owned_objects
+from reconciler.engine.orphans import Collected, collect_orphans, owned_objects
 from reconciler.engine.reconcile import ReconcileResult, reconcile
 from reconciler.errors import ReconcilerError, StateError
 from reconciler.health.monitor import HealthMonitor
 from reconciler.kernel.logfiles import log_path, rotate_if_needed
+from reconciler.kernel.netns import pinned_names
 from reconciler.manifests.loader import LoadResult
 from reconciler.sources import Fetched
 from reconciler.sources.git import GitSource
@@ -354,7 +355,7 @@ class Controller:
             )
             self._on_disk = True
             return
-        self._adoptable = _pinned()
+        self._adoptable = pinned_names()
         log.warning(
             "recover.started",
             state_file=str(store.path),
@@ -618,29 +619,27 @@ class Controller:
             keep_networks=set(desired.networks),
             errors=errors,
         )
-        events = self._runtime.events
-        for item in removed:
-            log.warning("orphan.collected", kind=item.kind, name=item.name, what=item.what)
-            events.emit(
-                type="Normal",
-                reason="OrphanCollected",
-                kind=item.kind,
-                name=item.name,
-                message=item.what,
-            )
+        self._emit_collected(removed, failed=False)
         if removed:
             self.metrics.orphans_collected.inc(len(removed))
-        for item in errors:
-            log.warning("orphan.failed", kind=item.kind, name=item.name, error=item.what)
-            events.emit(
-                type="Warning",
-                reason="OrphanCollectionFailed",
+        self._emit_collected(errors, failed=True)
+        if errors:
+            self._gc_due.set()  # try again after the next reconcile
+
+    def _emit_collected(self, items: list[Collected], *, failed: bool) -> None:
+        """A log line and an event per collected orphan (or per failure to collect one)."""
+        for item in items:
+            if failed:
+                log.warning("orphan.failed", kind=item.kind, name=item.name, error=item.what)
+            else:
+                log.warning("orphan.collected", kind=item.kind, name=item.name, what=item.what)
+            self._runtime.events.emit(
+                type="Warning" if failed else "Normal",
+                reason="OrphanCollectionFailed" if failed else "OrphanCollected",
                 kind=item.kind,
                 name=item.name,
                 message=item.what,
             )
-        if errors:
-            self._gc_due.set()  # try again after the next reconcile
 
     # ------------------------------------------------------------------ reporting
 
@@ -695,9 +694,3 @@ class Controller:
             self._runtime.events.emit(
                 type="Normal", reason="Adopted", kind="Environment", name=name, message=message
             )
-
-
-def _pinned() -> set[str]:
-    with contextlib.suppress(FileNotFoundError):
-        return set(os.listdir(NETNS_DIR))
-    return set()

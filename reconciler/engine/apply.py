@@ -29,6 +29,7 @@ from reconciler.engine.workloads import WorkloadConverger
 from reconciler.errors import ReconcilerError
 from reconciler.kernel.mounts import MountSpec, apply_mounts
 from reconciler.kernel.naming import host_veth_name, netns_name
+from reconciler.kernel.netns import pin_path
 from reconciler.kernel.processes import ProcessDriver
 from reconciler.kernel.types import (
     CgroupDriver,
@@ -50,7 +51,6 @@ from reconciler.state.model import (
 )
 
 log = structlog.get_logger("reconciler.engine")
-NETNS_DIR = "/run/netns"
 
 
 @dataclass
@@ -388,7 +388,7 @@ class Applier:
                 return [], False
         spec = HolderSpec(
             env=want.name,
-            netns_path=f"{NETNS_DIR}/{record.netns}",
+            netns_path=pin_path(record.netns),
             hostname=want.hostname,
             namespaces=want.namespaces,
             cgroup_procs=self.drivers.cgroups.procs_files(env=want.name),

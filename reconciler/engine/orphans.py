@@ -27,7 +27,6 @@ it. Bridges go after every veth that might hang on them.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Set
 from dataclasses import dataclass
 from typing import Literal
@@ -35,10 +34,9 @@ from typing import Literal
 from reconciler.engine.apply import Drivers
 from reconciler.errors import ReconcilerError
 from reconciler.kernel.naming import netns_name
+from reconciler.kernel.netns import pinned_names
 from reconciler.kernel.types import owner_tag, parse_owner_tag
 from reconciler.state.model import StateDocument
-
-NETNS_DIR = "/run/netns"
 
 
 @dataclass(frozen=True)
@@ -63,19 +61,12 @@ def _owned_links(instance: str, drivers: Drivers) -> dict[str, tuple[str, str]]:
     return found
 
 
-def _pinned() -> set[str]:
-    try:
-        return set(os.listdir(NETNS_DIR))
-    except FileNotFoundError:
-        return set()
-
-
 def owned_objects(*, instance: str, drivers: Drivers) -> list[str]:
     """Every live object provably owned by `instance`, described for a message."""
     links = _owned_links(instance, drivers)
     cgroups = set(drivers.cgroups.observe())
     envs = cgroups | {name for kind, name in links.values() if kind == "env"}
-    pins = _pinned()
+    pins = pinned_names()
     found = [f"link {name}" for name in sorted(links)]
     found += [f"cgroup of {name}" for name in sorted(cgroups)]
     found += [
@@ -109,7 +100,7 @@ def collect_orphans(
     orphan_envs = {name for name in drivers.cgroups.observe() if name not in spared}
     orphan_envs |= set(env_links)
     removed: list[Collected] = []
-    pins = _pinned()
+    pins = pinned_names()
     for env in sorted(orphan_envs):
         try:
             removed += _collect_environment(

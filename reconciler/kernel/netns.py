@@ -51,6 +51,14 @@ class NetnsSocket:
     identity: PinIdentity
 
 
+def pinned_names() -> set[str]:
+    """Every name pinned under /run/netns (empty when the directory does not exist)."""
+    try:
+        return set(os.listdir(NETNS_RUN_DIR))
+    except FileNotFoundError:
+        return set()
+
+
 def pin_path(name: str) -> str:
     """`/run/netns/<name>`; rejects names that would escape the directory."""
     if not name or "/" in name or name in (".", "..") or "\0" in name:
