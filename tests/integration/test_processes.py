@@ -457,6 +457,9 @@ def test_concurrent_spawns_from_threads(env: Env) -> None:
     try:
         assert len({ref.pid for ref in refs}) == 6
         for i, ref in enumerate(refs):
+            # spawn() returns once the workload reported its identity, a moment before its
+            # execve: /proc/PID/environ shows the new environment only after that.
+            wait_until(lambda pid=ref.pid: PROCESS_ENV_VAR in _environ(pid), 5.0, message="no exec")
             assert _environ(ref.pid)[PROCESS_ENV_VAR] == f"w{i}"
             assert _ns(ref.pid, "pid") == _ns(env.holder.pid, "pid")
     finally:
