@@ -275,3 +275,95 @@ def wait_until(
             detail = f"last value {last!r}" if last_error is None else f"last error {last_error!r}"
             raise AssertionError(f"{text} (waited {timeout:.2f}s; {detail})") from last_error
         time.sleep(interval)
+
+
+# --------------------------------------------------------------------------- change monitor
+
+_RTMGRP_LINK, _RTMGRP_IPV4_IFADDR, _RTMGRP_IPV4_ROUTE = 0x1, 0x10, 0x40
+_CLONE_NEWNET = 0x40000000
+
+
+class NetlinkChanges:
+    """Counts rtnetlink change notifications (links, IPv4 addresses, routes) on the host
+    and inside named namespaces: a raw socket bound to the multicast groups in each, so
+    anything written to the kernel's network state while it is open shows up. Opened
+    from a thread that setns()s (the sockets stay in their namespaces)."""
+
+    def __init__(self, netns: Sequence[str] = ()) -> None:
+        import ctypes
+        import socket
+        import threading
+
+        groups = _RTMGRP_LINK | _RTMGRP_IPV4_IFADDR | _RTMGRP_IPV4_ROUTE
+        libc = ctypes.CDLL(None, use_errno=True)
+        self._socks: list[Any] = []
+        errors: list[BaseException] = []
+
+        def new() -> Any:
+            sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, 0)
+            sock.bind((0, groups))
+            sock.setblocking(False)
+            return sock
+
+        def visit() -> None:
+            try:
+                for name in netns:
+                    fd = os.open(f"/run/netns/{name}", os.O_RDONLY | os.O_CLOEXEC)
+                    try:
+                        if libc.setns(fd, _CLONE_NEWNET) != 0:
+                            raise OSError(ctypes.get_errno(), f"setns {name}")
+                    finally:
+                        os.close(fd)
+                    self._socks.append(new())
+            except BaseException as exc:  # re-raised in the caller's thread
+                errors.append(exc)
+
+        self._socks.append(new())
+        thread = threading.Thread(target=visit)
+        thread.start()
+        thread.join()
+        if errors:
+            self.close()
+            raise errors[0]
+
+    def drain(self) -> int:
+        """Change messages received since the last drain (or since opening).
+
+        A bridge re-announces each port (an AF_BRIDGE RTM_NEWLINK) when its STP state
+        timer fires, whoever wrote what: those are not counted.
+        """
+        import struct
+
+        count = 0
+        for sock in self._socks:
+            while True:
+                try:
+                    data = sock.recv(1 << 16)
+                except BlockingIOError:
+                    break
+                offset = 0
+                while offset + 17 <= len(data):
+                    length, kind = struct.unpack_from("=IH", data, offset)
+                    if length < 16:
+                        break
+                    family = data[offset + 16]
+                    if not (kind == 16 and family == 7):  # RTM_NEWLINK, AF_BRIDGE
+                        count += 1
+                    offset += (length + 3) & ~3
+        return count
+
+    def settle(self, *, quiet: float = 1.5, timeout: float = 30.0) -> None:
+        """Drain until nothing arrived for `quiet` seconds: the kernel reports some
+        changes late (linkwatch delays operstate events by up to a second)."""
+        deadline = time.monotonic() + timeout
+        last = time.monotonic()
+        while time.monotonic() - last < quiet:
+            if time.monotonic() > deadline:
+                raise KernelViewError(f"rtnetlink did not go quiet within {timeout:g}s")
+            if self.drain():
+                last = time.monotonic()
+            time.sleep(0.05)
+
+    def close(self) -> None:
+        for sock in self._socks:
+            sock.close()

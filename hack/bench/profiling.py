@@ -1,14 +1,12 @@
-"""Where the time of one `apply` goes: pyinstrument on the main thread, cProfile on the
-netlink worker.
+"""Where the time of one `apply` goes: pyinstrument on the whole command, cProfile on
+the network driver's calls.
 
-The product runs every netlink call on one private worker thread (`NetlinkDriver._call`
-hops onto it), and pyinstrument samples only the thread that started it: on its own it
-would show the main thread blocked in `lock.acquire` for all netlink work. So the
-profiled `apply` runs under a small harness (`HARNESS`, run as `python -c`) that
+The profiled `apply` runs under a small harness (`HARNESS`, run as `python -c`) that
 
 - starts pyinstrument (1 ms sampling) before importing anything, so imports count;
-- wraps `NetlinkDriver._guarded` (the function every worker call runs in) with a
-  `cProfile.Profile` enabled only on the worker thread for the duration of each call;
+- wraps `NetlinkDriver._call` (the function every driver call runs in) with a
+  `cProfile.Profile` enabled for the duration of each call (exact counts for the
+  netlink work, which sampling alone blurs);
 - runs `python -m reconciler ... apply` through runpy, exactly as the command would.
 
 The product's code is not changed; only the benchmark's process wraps one method. The
@@ -42,14 +40,14 @@ profiler = Profiler(interval=0.001)
 profiler.start()
 worker = cProfile.Profile()
 import reconciler.kernel.netlink as netlink
-original = netlink.NetlinkDriver._guarded
-def guarded(self, fn):
+original = netlink.NetlinkDriver._call
+def call(self, fn, *args, **kwargs):
     worker.enable()
     try:
-        return original(self, fn)
+        return original(self, fn, *args, **kwargs)
     finally:
         worker.disable()
-netlink.NetlinkDriver._guarded = guarded
+netlink.NetlinkDriver._call = call
 sys.argv = ["reconciler", *sys.argv[3:]]
 code = 0
 try:

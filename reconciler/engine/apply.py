@@ -19,6 +19,7 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 import structlog
 
@@ -33,6 +34,7 @@ from reconciler.kernel.netns import pin_path
 from reconciler.kernel.processes import ProcessDriver
 from reconciler.kernel.types import (
     CgroupDriver,
+    EnvLinkSpec,
     FirewallDriver,
     HolderDriver,
     HolderSpec,
@@ -51,6 +53,10 @@ from reconciler.state.model import (
 )
 
 log = structlog.get_logger("reconciler.engine")
+
+# How long a torn-down namespace may take to take its veth along before we delete the
+# veth ourselves (measured: ~0.1 s for 200 namespaces dying together).
+_LINKS_GONE_TIMEOUT = 2.0
 
 
 @dataclass
@@ -95,20 +101,15 @@ class Applier:
         """Apply every change of the plan, in the safe order."""
         changes = [c for c in self.plan.changes if c.action is not Action.NOOP]
         teardown = (Action.DELETE, Action.RECREATE)
-        for change in changes:
-            if change.kind == "Environment" and change.action in teardown:
-                self._guard(
-                    change, self._teardown_environment, final=change.action is Action.DELETE
-                )
+        envs = [c for c in changes if c.kind == "Environment"]
+        self._teardown_environments([c for c in envs if c.action in teardown])
         for change in changes:
             if change.kind == "Network" and change.action in teardown:
                 self._guard(change, self._teardown_network, final=change.action is Action.DELETE)
         for change in changes:
             if change.kind == "Network" and change.action is not Action.DELETE:
                 self._guard(change, self._converge_network, final=True)
-        for change in changes:
-            if change.kind == "Environment" and change.action is not Action.DELETE:
-                self._guard(change, self._converge_environment, final=True)
+        self._converge_environments([c for c in envs if c.action is not Action.DELETE])
         if changes:
             self._converge_isolation()
         return self.outcomes
@@ -149,39 +150,30 @@ class Applier:
 
     # ----------------------------------------------------------------- bookkeeping
 
+    def _records(self, change: Change) -> dict[str, EnvironmentRecord] | dict[str, NetworkRecord]:
+        return self.state.environments if change.kind == "Environment" else self.state.networks
+
+    def _failures_before(self, change: Change) -> int:
+        before = self._records(change).get(change.name)
+        return before.consecutive_failures if before is not None else 0
+
     def _guard(self, change: Change, step: Callable[[Change], list[str]], *, final: bool) -> None:
         """Run one step; record success (when `final`) or failure on the object's record.
 
-        Success resets the record's failure count and sets `Reconciling` and `Stalled`
-        False; a failure counts one more (read before the step, which may rebuild the
-        record) and `_mark_failed` sets the conditions.
+        The failure count is read before the step (which may rebuild the record).
         """
-        bound = log.bind(kind=change.kind, name=change.name, action=str(change.action))
-        records = self.state.environments if change.kind == "Environment" else self.state.networks
-        before = records.get(change.name)
-        failures = before.consecutive_failures if before is not None else 0
+        failures = self._failures_before(change)
         try:
             made = step(change)
         except (ReconcilerError, OSError) as exc:
-            message = (
-                str(exc) if isinstance(exc, ReconcilerError) else f"{type(exc).__name__}: {exc}"
-            )
-            bound.warning("object.failed", error=message)
-            self._mark_failed(change, message, failures=failures + 1)
-            self.outcomes.append(Outcome(change.kind, change.name, change.action, False, message))
-            self.events.emit(
-                type="Warning",
-                reason="ReconcileFailed",
-                kind=change.kind,
-                name=change.name,
-                message=message,
-            )
-            if change.kind == "Network":
-                self.failed_networks[change.name] = message
+            self._fail(change, exc, failures=failures)
             return
-        if not final:
-            return
-        record = records.get(change.name)
+        if final:
+            self._succeed(change, made)
+
+    def _succeed(self, change: Change, made: list[str]) -> None:
+        """Reset the record's failure count, Reconciling/Stalled False, outcome + event."""
+        record = self._records(change).get(change.name)
         if record is not None:
             record.consecutive_failures = 0
             for condition, reason in (("Reconciling", "Idle"), ("Stalled", "Reconciled")):
@@ -192,16 +184,42 @@ class Applier:
             Outcome(change.kind, change.name, change.action, True, "", tuple(made))
         )
         reason, message = _event_for(change, made)
-        bound.info(f"{change.kind.lower()}.{reason.lower()}", changes=made)
+        log.info(
+            f"{change.kind.lower()}.{reason.lower()}",
+            kind=change.kind,
+            name=change.name,
+            action=str(change.action),
+            changes=made,
+        )
         self.events.emit(
             type="Normal", reason=reason, kind=change.kind, name=change.name, message=message
         )
 
+    def _fail(self, change: Change, exc: BaseException, *, failures: int) -> None:
+        """The object failed (`failures` earlier failures in a row): record, outcome, event."""
+        message = str(exc) if isinstance(exc, ReconcilerError) else f"{type(exc).__name__}: {exc}"
+        log.warning(
+            "object.failed",
+            kind=change.kind,
+            name=change.name,
+            action=str(change.action),
+            error=message,
+        )
+        self._mark_failed(change, message, failures=failures + 1)
+        self.outcomes.append(Outcome(change.kind, change.name, change.action, False, message))
+        self.events.emit(
+            type="Warning",
+            reason="ReconcileFailed",
+            kind=change.kind,
+            name=change.name,
+            message=message,
+        )
+        if change.kind == "Network":
+            self.failed_networks[change.name] = message
+
     def _mark_failed(self, change: Change, message: str, *, failures: int = 1) -> None:
         """Failed `failures` times in a row: Ready=False; retrying, or Stalled from 5 on."""
-        record = (
-            self.state.environments if change.kind == "Environment" else self.state.networks
-        ).get(change.name)
+        record = self._records(change).get(change.name)
         if record is None:
             return
         phase: Phase = "Terminating" if change.action is Action.DELETE else "Failed"
@@ -258,7 +276,59 @@ class Applier:
 
     # ----------------------------------------------------------------- environments
 
-    def _converge_environment(self, change: Change) -> list[str]:
+    def _converge_environments(self, changes: list[Change]) -> None:
+        """Converge every environment of the plan, one stage at a time across all of them.
+
+        Stages: record + cgroup; network namespaces (created together); links (fresh
+        ones batched); port isolation; holders (spawned together); mounts and processes.
+        Batching is what makes 200 environments cost a few hundred syscalls instead of
+        thousands of round trips; an env that fails a stage is reported and skipped by
+        the later ones, the others carry on.
+        """
+        work: dict[str, _EnvWork] = {}
+        for change in changes:
+            failures = self._failures_before(change)
+            try:
+                work[change.name] = self._start_environment(change, failures=failures)
+            except (ReconcilerError, OSError) as exc:
+                self._fail(change, exc, failures=failures)
+        self._stage(work, self._converge_netns)
+        self._stage(work, self._converge_links)
+        self._stage(work, self._converge_holders)
+        for name, item in list(work.items()):
+            try:
+                item.made += self._converge_inside(
+                    item.want, item.record, fresh_holder=item.fresh_holder
+                )
+            except (ReconcilerError, OSError) as exc:
+                self._fail(item.change, exc, failures=item.failures)
+                continue
+            record = item.record
+            record.phase = "Ready"
+            record.last_error = None
+            record.last_reconciled = now_rfc3339()
+            record.conditions = set_condition(
+                record.conditions, type="Ready", status="True", reason="Reconciled", message=""
+            )
+            self._succeed(item.change, item.made)
+            del work[name]
+
+    def _stage(
+        self, work: dict[str, W], stage: Callable[[list[W]], Mapping[str, BaseException]]
+    ) -> None:
+        """Run one stage over the envs still in `work`; drop (and report) those it failed."""
+        if not work:
+            return
+        try:
+            failed = stage(list(work.values()))
+        except (ReconcilerError, OSError) as exc:
+            failed = dict.fromkeys(work, exc)
+        for name, error in failed.items():
+            item = work.pop(name)
+            self._fail(item.change, error, failures=item.failures)
+
+    def _start_environment(self, change: Change, *, failures: int) -> _EnvWork:
+        """Preconditions, the record (from the previous one) and the cgroup."""
         want = self.desired.environments[change.name]
         if want.network is not None and want.network in self.failed_networks:
             raise ReconcilerError(
@@ -270,48 +340,128 @@ class Applier:
         previous = self.state.environments.get(want.name)
         record = _environment_record(self.instance, want, previous)
         self.state.environments[want.name] = record
-        made: list[str] = []
-        made += self.drivers.cgroups.ensure(env=want.name, limits=want.limits)
+        item = _EnvWork(change=change, want=want, record=record, failures=failures)
+        item.previous_inode = previous.netns_inode if previous is not None else None
+        item.made += self.drivers.cgroups.ensure(env=want.name, limits=want.limits)
         record.cgroup_paths = list(self.drivers.cgroups.paths(env=want.name))
-        netns = self.drivers.network.ensure_netns(
-            name=record.netns, alias=owner_tag(instance=self.instance, kind="env", name=want.name)
-        )
-        if previous is not None and previous.netns_inode not in (None, netns.inode):
-            made.append(f"netns {record.netns} re-created")
-        record.netns_inode = netns.inode
-        if want.network is not None:
-            made += self._converge_link(want, record)
-        holder_made, fresh = self._converge_holder(want, record)
-        made += holder_made
-        made += self._converge_inside(want, record, fresh_holder=fresh)
-        record.phase = "Ready"
-        record.last_error = None
-        record.last_reconciled = now_rfc3339()
-        record.conditions = set_condition(
-            record.conditions, type="Ready", status="True", reason="Reconciled", message=""
-        )
-        return made
+        return item
 
-    def _converge_link(self, want: DesiredEnvironment, record: EnvironmentRecord) -> list[str]:
-        assert want.network is not None
-        network = self.desired.networks[want.network]
-        address = self.plan.addresses[want.name]
-        record.host_veth = host_veth_name(self.instance, want.name)
-        record.network = want.network
-        record.address = address
-        self.state.allocations.setdefault(want.network, {})[want.name] = address
-        made = self.drivers.network.ensure_env_link(
-            netns=record.netns,
-            host_name=record.host_veth,
-            alias=owner_tag(instance=self.instance, kind="env", name=want.name),
-            bridge=network.bridge,
-            address_cidr=address,
-            gateway=str(network.gateway),
+    def _env_alias(self, name: str) -> str:
+        return owner_tag(instance=self.instance, kind="env", name=name)
+
+    def _converge_netns(self, items: list[_EnvWork]) -> dict[str, BaseException]:
+        results = self.drivers.network.ensure_netns_many(
+            [(item.record.netns, self._env_alias(item.want.name)) for item in items]
         )
-        # Isolate the port at once: until then the bridge could switch frames to it.
-        return made + self.drivers.firewall.ensure_port_flags(
-            bridge=network.bridge, ports=[record.host_veth]
-        )
+        failed: dict[str, BaseException] = {}
+        for item in items:
+            result = results[item.record.netns]
+            if isinstance(result, Exception):
+                failed[item.want.name] = result
+                continue
+            if item.previous_inode not in (None, result.inode):
+                item.made.append(f"netns {item.record.netns} re-created")
+            item.record.netns_inode = result.inode
+        return failed
+
+    def _converge_links(self, items: list[_EnvWork]) -> dict[str, BaseException]:
+        """Veth pairs and addressing, then the isolation of every new port.
+
+        The fresh path isolates a port right after creating it; `ensure_port_flags`
+        covers the careful path (until then the bridge could switch frames to it).
+        """
+        specs: dict[str, _EnvWork] = {}
+        for item in items:
+            want, record = item.want, item.record
+            if want.network is None:
+                continue
+            address = self.plan.addresses[want.name]
+            record.host_veth = host_veth_name(self.instance, want.name)
+            record.network = want.network
+            record.address = address
+            self.state.allocations.setdefault(want.network, {})[want.name] = address
+            network = self.desired.networks[want.network]
+            item.link = EnvLinkSpec(
+                netns=record.netns,
+                host_name=record.host_veth,
+                alias=self._env_alias(want.name),
+                bridge=network.bridge,
+                address_cidr=address,
+                gateway=str(network.gateway),
+            )
+            specs[record.host_veth] = item
+        if not specs:
+            return {}
+        results = self.drivers.network.ensure_env_links([i.link for i in specs.values() if i.link])
+        failed: dict[str, BaseException] = {}
+        by_bridge: dict[str, list[_EnvWork]] = {}
+        for host_name, item in specs.items():
+            result = results[host_name]
+            if isinstance(result, Exception):
+                failed[item.want.name] = result
+                continue
+            item.made += result
+            assert item.link is not None
+            by_bridge.setdefault(item.link.bridge, []).append(item)
+        firewall = self.drivers.firewall
+        for bridge, ported in by_bridge.items():
+            ports = {item.record.host_veth: item for item in ported if item.record.host_veth}
+            try:
+                made = firewall.ensure_port_flags(bridge=bridge, ports=list(ports))
+            except (ReconcilerError, OSError):
+                # Attribute the failure to the port(s) it belongs to: one at a time.
+                for port, item in ports.items():
+                    try:
+                        item.made += firewall.ensure_port_flags(bridge=bridge, ports=[port])
+                    except (ReconcilerError, OSError) as exc:
+                        failed[item.want.name] = exc
+                continue
+            for change in made:
+                port = change.split()[2].rstrip(":")
+                if port in ports:
+                    ports[port].made.append(change)
+        return failed
+
+    def _converge_holders(self, items: list[_EnvWork]) -> dict[str, BaseException]:
+        """Keep, adopt or start each env's holder; the new ones are spawned together."""
+        holders = self.drivers.holders
+        spawn: list[tuple[_EnvWork, HolderSpec]] = []
+        failed: dict[str, BaseException] = {}
+        for item in items:
+            record, want = item.record, item.want
+            if record.holder is not None:
+                ref = ProcessRef(pid=record.holder.pid, start_time=record.holder.start_time)
+                if holders.alive(ref):
+                    continue
+            spec = HolderSpec(
+                env=want.name,
+                netns_path=pin_path(record.netns),
+                hostname=want.hostname,
+                namespaces=want.namespaces,
+                cgroup_procs=self.drivers.cgroups.procs_files(env=want.name),
+            )
+            # A crashed run may have started one it never recorded: adopt it, never a second.
+            try:
+                found = holders.find(spec)
+            except (ReconcilerError, OSError) as exc:
+                failed[want.name] = exc
+                continue
+            if found is not None:
+                record.holder = ProcessRecord(pid=found.pid, start_time=found.start_time)
+                item.made.append(f"holder adopted (pid {found.pid})")
+                continue
+            spawn.append((item, spec))
+        if not spawn:
+            return failed
+        results = holders.spawn_many([spec for _, spec in spawn])
+        for (item, _), result in zip(spawn, results, strict=True):
+            if isinstance(result, Exception):
+                failed[item.want.name] = result
+                continue
+            item.record.holder = ProcessRecord(pid=result.pid, start_time=result.start_time)
+            item.made.append(f"holder started (pid {result.pid})")
+            item.fresh_holder = True
+        return failed
 
     def _converge_inside(
         self, want: DesiredEnvironment, record: EnvironmentRecord, *, fresh_holder: bool
@@ -377,64 +527,136 @@ class Applier:
             )
         return specs
 
-    def _converge_holder(
-        self, want: DesiredEnvironment, record: EnvironmentRecord
-    ) -> tuple[list[str], bool]:
-        """Keep, adopt or start the holder; the flag says its namespaces are new."""
-        holders = self.drivers.holders
-        if record.holder is not None:
-            ref = ProcessRef(pid=record.holder.pid, start_time=record.holder.start_time)
-            if holders.alive(ref):
-                return [], False
-        spec = HolderSpec(
-            env=want.name,
-            netns_path=pin_path(record.netns),
-            hostname=want.hostname,
-            namespaces=want.namespaces,
-            cgroup_procs=self.drivers.cgroups.procs_files(env=want.name),
-        )
-        # A crashed run may have started one it never recorded: adopt it, never a second.
-        found = holders.find(spec)
-        if found is not None:
-            record.holder = ProcessRecord(pid=found.pid, start_time=found.start_time)
-            return [f"holder adopted (pid {found.pid})"], False
-        ref = holders.spawn(spec)
-        record.holder = ProcessRecord(pid=ref.pid, start_time=ref.start_time)
-        return [f"holder started (pid {ref.pid})"], True
+    def _teardown_environments(self, changes: list[Change]) -> None:
+        """Tear environments down together: holders, cgroups, namespaces, then links.
 
-    def _teardown_environment(self, change: Change) -> list[str]:
-        record = self.state.environments.get(change.name)
-        if record is None:
-            return []
-        record.phase = "Terminating"
-        made: list[str] = []
-        if record.holder is not None:
-            # pid 1 of the env's pid namespace: its death takes every workload with it.
-            self.drivers.holders.stop(
-                ProcessRef(pid=record.holder.pid, start_time=record.holder.start_time)
+        All holders are killed at once (each is pid 1 of its env: its death takes every
+        workload along), all cgroups emptied and removed with one wait, all namespaces
+        unpinned. A namespace then dies with its last reference and takes its veth pair
+        along, and the kernel batches the teardown of namespaces that die together (one
+        RCU grace period for all of them instead of one per deleted veth). The record
+        is dropped only when the host shows the veth gone; a veth still there after the
+        wait (its namespace is kept alive by something else) is deleted by its tag.
+        """
+        work: dict[str, _Teardown] = {}
+        for change in changes:
+            record = self.state.environments.get(change.name)
+            if record is None:
+                if change.action is Action.DELETE:
+                    self._succeed(change, [])
+                continue
+            record.phase = "Terminating"
+            work[change.name] = _Teardown(
+                change=change, record=record, failures=self._failures_before(change)
             )
-            record.holder = None
-            record.processes = {}
-            made.append("holder stopped")
-        if self.drivers.cgroups.remove(env=change.name):
-            made.append("cgroup removed")
-        if record.host_veth is not None:
-            alias = owner_tag(instance=self.instance, kind="env", name=change.name)
-            if self.drivers.network.remove_env_link(host_name=record.host_veth, alias=alias):
-                made.append(f"veth {record.host_veth} removed")
-        alias = owner_tag(instance=self.instance, kind="env", name=change.name)
-        if self.drivers.network.remove_netns(
-            name=record.netns, inode=record.netns_inode, alias=alias
-        ):
-            made.append(f"netns {record.netns} removed")
-        # The address is released last, and only when the environment goes for good.
-        if change.action is Action.DELETE:
-            if record.network is not None:
-                self.state.allocations.get(record.network, {}).pop(change.name, None)
-            shutil.rmtree(self.drivers.log_root / change.name, ignore_errors=True)
-            shutil.rmtree(self.drivers.log_root.parent / "etc" / change.name, ignore_errors=True)
-        del self.state.environments[change.name]
-        return made
+        if not work:
+            return
+        self._stage(work, self._stop_holders)
+        self._stage(work, self._remove_cgroups)
+        self._stage(work, self._unpin_netns)
+        self._stage(work, self._await_links)
+        for name, item in work.items():
+            change, record = item.change, item.record
+            # The address is released last, and only when the environment goes for good.
+            if change.action is Action.DELETE:
+                if record.network is not None:
+                    self.state.allocations.get(record.network, {}).pop(name, None)
+                shutil.rmtree(self.drivers.log_root / name, ignore_errors=True)
+                shutil.rmtree(self.drivers.log_root.parent / "etc" / name, ignore_errors=True)
+            del self.state.environments[name]
+            if change.action is Action.DELETE:
+                self._succeed(change, item.made)
+
+    def _stop_holders(self, items: list[_Teardown]) -> dict[str, BaseException]:
+        stopping = [i for i in items if i.record.holder is not None]
+        refs = [
+            ProcessRef(pid=i.record.holder.pid, start_time=i.record.holder.start_time)
+            for i in stopping
+            if i.record.holder is not None
+        ]
+        failed: dict[str, BaseException] = {}
+        for item, error in zip(stopping, self.drivers.holders.stop_many(refs), strict=True):
+            if error is not None:
+                failed[item.change.name] = error
+                continue
+            item.record.holder = None
+            item.record.processes = {}
+            item.made.append("holder stopped")
+        return failed
+
+    def _remove_cgroups(self, items: list[_Teardown]) -> dict[str, BaseException]:
+        results = self.drivers.cgroups.remove_many([i.change.name for i in items])
+        failed: dict[str, BaseException] = {}
+        for item in items:
+            result = results[item.change.name]
+            if isinstance(result, Exception):
+                failed[item.change.name] = result
+            elif result:
+                item.made.append("cgroup removed")
+        return failed
+
+    def _unpin_netns(self, items: list[_Teardown]) -> dict[str, BaseException]:
+        failed: dict[str, BaseException] = {}
+        for item in items:
+            record = item.record
+            try:
+                removed = self.drivers.network.remove_netns(
+                    name=record.netns,
+                    inode=record.netns_inode,
+                    alias=self._env_alias(item.change.name),
+                )
+            except (ReconcilerError, OSError) as exc:
+                failed[item.change.name] = exc
+                continue
+            if removed:
+                item.made.append(f"netns {record.netns} removed")
+        return failed
+
+    def _await_links(self, items: list[_Teardown]) -> dict[str, BaseException]:
+        veths = {i.record.host_veth: i for i in items if i.record.host_veth is not None}
+        if not veths:
+            return {}
+        left = self.drivers.network.wait_links_gone(list(veths), timeout=_LINKS_GONE_TIMEOUT)
+        failed: dict[str, BaseException] = {}
+        for veth, item in veths.items():
+            if veth not in left:
+                item.made.append(f"veth {veth} removed")
+                continue
+            try:
+                if self.drivers.network.remove_env_link(
+                    host_name=veth, alias=self._env_alias(item.change.name)
+                ):
+                    item.made.append(f"veth {veth} removed")
+            except (ReconcilerError, OSError) as exc:
+                failed[item.change.name] = exc
+        return failed
+
+
+@dataclass(kw_only=True)
+class _Work:
+    """One environment going through the stages of a batch."""
+
+    change: Change
+    record: EnvironmentRecord
+    failures: int  # consecutive failures before this attempt
+    made: list[str] = field(default_factory=list)
+
+
+W = TypeVar("W", bound=_Work)
+
+
+@dataclass(kw_only=True)
+class _EnvWork(_Work):
+    """One environment being converged, carried from stage to stage."""
+
+    want: DesiredEnvironment
+    previous_inode: int | None = None
+    link: EnvLinkSpec | None = None
+    fresh_holder: bool = False
+
+
+class _Teardown(_Work):
+    """One environment being torn down, carried from stage to stage."""
 
 
 def _event_for(change: Change, made: list[str]) -> tuple[str, str]:

@@ -26,28 +26,21 @@ import contextlib
 import errno
 import fcntl
 import os
-import socket
+from collections.abc import Sequence
 from dataclasses import dataclass
 
-from reconciler.kernel import nsutil
+from reconciler.kernel import nsutil, rtnl
+from reconciler.kernel.types import PinIdentity
 
 NETNS_RUN_DIR = "/run/netns"
 _THREAD_NETNS = "/proc/thread-self/ns/net"
 
 
 @dataclass(frozen=True)
-class PinIdentity:
-    """Which namespace a pin refers to: the nsfs inode and device."""
-
-    inode: int
-    dev: int
-
-
-@dataclass(frozen=True)
 class NetnsSocket:
     """A NETLINK_ROUTE socket fd opened inside a pinned namespace, and which one it was."""
 
-    fd: int  # caller owns it (close it, or hand it to pyroute2's `fileno=`)
+    fd: int  # caller owns it (close it, or hand it to `rtnl.Socket`)
     identity: PinIdentity
 
 
@@ -89,10 +82,7 @@ def pin_identity(name: str) -> PinIdentity | None:
 
 
 def _netlink_socket_fd() -> int:
-    # SOCK_DGRAM, not SOCK_RAW: identical for netlink, but asyncio (under pyroute2)
-    # accepts only datagram sockets for its datagram transport.
-    sock = socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM, socket.NETLINK_ROUTE)
-    return sock.detach()
+    return rtnl.open_route_socket()
 
 
 def _return_home(home_fd: int) -> None:
@@ -121,8 +111,11 @@ def current_netns_fd() -> int:
     return os.open(_THREAD_NETNS, os.O_RDONLY | os.O_CLOEXEC)
 
 
-def open_socket(name: str) -> NetnsSocket | None:
-    """Open a NETLINK_ROUTE socket inside the namespace pinned as `name`; None if unpinned."""
+def _open_inside(name: str) -> NetnsSocket | None:
+    """On a thread of our own: setns into the pin of `name`, open a socket there.
+
+    The thread is left in that namespace: callers return it home (or let it die).
+    """
     try:
         pin_fd = os.open(pin_path(name), os.O_RDONLY | os.O_CLOEXEC)
     except FileNotFoundError:
@@ -132,10 +125,46 @@ def open_socket(name: str) -> NetnsSocket | None:
             return None
         st = os.fstat(pin_fd)
         # setns through the same fd we fstat'ed: the identity cannot race.
-        fd = socket_in(pin_fd)
+        nsutil.setns(pin_fd, nsutil.CLONE_NEWNET)
+        fd = _netlink_socket_fd()
         return NetnsSocket(fd=fd, identity=PinIdentity(inode=st.st_ino, dev=st.st_dev))
     finally:
         os.close(pin_fd)
+
+
+def open_sockets(names: Sequence[str]) -> dict[str, NetnsSocket | OSError]:
+    """A NETLINK_ROUTE socket inside each namespace pinned as one of `names`.
+
+    One short-lived thread visits them all in turn (a thread per namespace would cost
+    more than the visit). Unpinned names are absent from the result; a name that could
+    not be entered maps to its OSError.
+    """
+
+    def visit() -> dict[str, NetnsSocket | OSError]:
+        found: dict[str, NetnsSocket | OSError] = {}
+        home_fd = os.open(_THREAD_NETNS, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            for name in names:
+                try:
+                    opened = _open_inside(name)
+                except OSError as exc:
+                    found[name] = exc
+                    continue
+                if opened is not None:
+                    found[name] = opened
+        finally:
+            _return_home(home_fd)
+        return found
+
+    return nsutil.run_in_thread(visit, name="reconciler-netns-open")
+
+
+def open_socket(name: str) -> NetnsSocket | None:
+    """Open a NETLINK_ROUTE socket inside the namespace pinned as `name`; None if unpinned."""
+    opened = open_sockets([name]).get(name)
+    if isinstance(opened, OSError):
+        raise opened
+    return opened
 
 
 def ensure_run_dir() -> None:
@@ -156,39 +185,62 @@ def ensure_run_dir() -> None:
         nsutil.mount(source="", target=NETNS_RUN_DIR, fstype="none", flags=nsutil.MS_SHARED)
 
 
-def create_pin(name: str) -> NetnsSocket:
-    """Create a new namespace, pin it at /run/netns/<name>, and open a socket inside it.
+def _create_inside(name: str) -> NetnsSocket:
+    """On a thread of our own: unshare a new netns, pin it, open a socket inside.
 
-    An empty leftover file at the path is reused. Raises FileExistsError if a namespace
-    is already pinned there (adopt it with `open_socket` instead).
+    The thread is left in the new namespace: callers return it home (or let it die).
     """
     path = pin_path(name)
+    if pin_identity(name) is not None:
+        raise FileExistsError(errno.EEXIST, f"{path} is already a pinned namespace")
+    try:
+        os.close(os.open(path, os.O_RDONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0))
+        created_file = True
+    except FileExistsError:
+        created_file = False  # an empty leftover of a crash: mount over it
+    try:
+        nsutil.unshare(nsutil.CLONE_NEWNET)
+        nsutil.mount(source=_THREAD_NETNS, target=path, fstype="none", flags=nsutil.MS_BIND)
+        fd = _netlink_socket_fd()
+    except BaseException:
+        if created_file:
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+        raise
+    st = os.stat(path)
+    return NetnsSocket(fd=fd, identity=PinIdentity(inode=st.st_ino, dev=st.st_dev))
+
+
+def create_pins(names: Sequence[str]) -> dict[str, NetnsSocket | OSError]:
+    """Create a namespace per name, pin it at /run/netns/<name>, open a socket inside.
+
+    One short-lived thread makes them all. An empty leftover file at a path is reused;
+    a name already pinned maps to FileExistsError (adopt it with `open_sockets`).
+    """
     ensure_run_dir()
 
-    def inside() -> NetnsSocket:
-        if pin_identity(name) is not None:
-            raise FileExistsError(errno.EEXIST, f"{path} is already a pinned namespace")
-        try:
-            os.close(os.open(path, os.O_RDONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0))
-            created_file = True
-        except FileExistsError:
-            created_file = False  # an empty leftover of a crash: mount over it
+    def make() -> dict[str, NetnsSocket | OSError]:
+        made: dict[str, NetnsSocket | OSError] = {}
         home_fd = os.open(_THREAD_NETNS, os.O_RDONLY | os.O_CLOEXEC)
         try:
-            nsutil.unshare(nsutil.CLONE_NEWNET)
-            nsutil.mount(source=_THREAD_NETNS, target=path, fstype="none", flags=nsutil.MS_BIND)
-            fd = _netlink_socket_fd()
-        except BaseException:
-            if created_file:
-                with contextlib.suppress(OSError):
-                    os.unlink(path)
-            raise
+            for name in names:
+                try:
+                    made[name] = _create_inside(name)
+                except OSError as exc:
+                    made[name] = exc
         finally:
             _return_home(home_fd)
-        st = os.stat(path)
-        return NetnsSocket(fd=fd, identity=PinIdentity(inode=st.st_ino, dev=st.st_dev))
+        return made
 
-    return nsutil.run_in_thread(inside, name="reconciler-netns-create")
+    return nsutil.run_in_thread(make, name="reconciler-netns-create")
+
+
+def create_pin(name: str) -> NetnsSocket:
+    """`create_pins` for one name; raises its OSError (FileExistsError if pinned)."""
+    made = create_pins([name])[name]
+    if isinstance(made, OSError):
+        raise made
+    return made
 
 
 def remove_pin(name: str) -> bool:

@@ -28,19 +28,15 @@ remount it is the host's.
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import os
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-from pyroute2 import IPRoute
-from pyroute2.netlink.exceptions import NetlinkError
 
 from reconciler.errors import KernelError
+from reconciler.kernel import rtnl
 
 PROC_NET = Path("/proc/sys/net")
 _GONE = (errno.ENODEV, errno.ENOENT)
@@ -106,80 +102,71 @@ def ensure_bridge_flags(*, bridge: str) -> list[str]:
 
 
 @contextmanager
-def _rtnl() -> Iterator[Any]:
-    """A short-lived rtnetlink handle in the calling thread's network namespace.
-
-    Opened and closed on the calling thread: pyroute2's sync API keeps per-thread state
-    (see `netlink`), so a handle must never outlive or leave the thread that made it.
-    """
+def _rtnl() -> Iterator[rtnl.Socket]:
+    """A short-lived rtnetlink socket in the calling thread's network namespace."""
     try:
-        ipr = IPRoute(groups=0)
+        sock = rtnl.Socket(rtnl.open_route_socket())
     except OSError as exc:
         raise KernelError(f"opening a netlink socket failed: {exc.strerror}") from exc
     try:
-        yield ipr
+        yield sock
     finally:
-        with contextlib.suppress(Exception):
-            ipr.close()
+        sock.close()
 
 
-def _link(ipr: Any, name: str) -> Any | None:
+def _links(sock: rtnl.Socket) -> dict[str, rtnl.Link]:
     try:
-        return ipr.link("get", ifname=name)[0]
-    except NetlinkError as exc:
-        if exc.code in _GONE:
-            return None
-        raise KernelError(f"reading link {name} failed: {os.strerror(exc.code)}") from exc
-
-
-def _isolated(link: Any) -> bool:
-    data = link.get_nested("IFLA_LINKINFO", "IFLA_INFO_SLAVE_DATA")
-    return bool(data is not None and data.get("IFLA_BRPORT_ISOLATED"))
+        return {link.name: link for link in sock.links()}
+    except OSError as exc:
+        raise KernelError(f"dumping links failed: {exc.strerror}") from exc
 
 
 def port_isolation(*, bridge: str, ports: Sequence[str]) -> dict[str, bool | None]:
     """Per port: True/False for its `isolated` flag, None when it is not a port of `bridge`."""
-    with _rtnl() as ipr:
-        br = _link(ipr, bridge)
-        found: dict[str, bool | None] = {}
-        for port in ports:
-            link = _link(ipr, port)
-            on_bridge = (
-                br is not None and link is not None and link.get("IFLA_MASTER") == br["index"]
-            )
-            found[port] = _isolated(link) if on_bridge else None
-        return found
+    with _rtnl() as sock:
+        links = _links(sock)
+    br = links.get(bridge)
+    found: dict[str, bool | None] = {}
+    for port in ports:
+        link = links.get(port)
+        on_bridge = br is not None and link is not None and link.master == br.index
+        found[port] = bool(link.isolated) if on_bridge and link is not None else None
+    return found
 
 
 def ensure_port_flags(*, bridge: str, ports: Sequence[str]) -> list[str]:
     """Turn `isolated` on for each port of `bridge` that lacks it; return the changes.
 
-    Ports that are missing or enslaved elsewhere are reported in one KernelError after
-    the others were handled (the env link is the network driver's job; ensure it first).
+    One link dump, then one batch for every port that needs the flag. Ports that are
+    missing or enslaved elsewhere are reported in one KernelError after the others were
+    handled (the env link is the network driver's job; ensure it first).
     """
-    changes: list[str] = []
     problems: list[str] = []
-    with _rtnl() as ipr:
-        br = _link(ipr, bridge)
+    todo: list[rtnl.Link] = []
+    with _rtnl() as sock:
+        links = _links(sock)
+        br = links.get(bridge)
         if br is None:
             raise KernelError(f"bridge {bridge} does not exist; ensure the network first")
         for port in ports:
-            link = _link(ipr, port)
+            link = links.get(port)
             if link is None:
                 problems.append(f"{port} does not exist")
-                continue
-            if link.get("IFLA_MASTER") != br["index"]:
+            elif link.master != br.index:
                 problems.append(f"{port} is not a port of {bridge}")
-                continue
-            if _isolated(link):
-                continue
-            try:
-                ipr.brport("set", index=link["index"], isolated=1)
-            except NetlinkError as exc:
-                raise KernelError(
-                    f"setting bridge port {port} isolated failed: {os.strerror(exc.code)}"
-                ) from exc
-            changes.append(f"bridge port {port}: isolated on")
+            elif not link.isolated:
+                todo.append(link)
+        try:
+            codes = sock.execute([rtnl.set_link(index=link.index, isolated=True) for link in todo])
+        except OSError as exc:
+            raise KernelError(f"setting bridge ports isolated failed: {exc.strerror}") from exc
+    changes: list[str] = []
+    for link, code in zip(todo, codes, strict=True):
+        if code:
+            raise KernelError(
+                f"setting bridge port {link.name} isolated failed: {os.strerror(code)}"
+            )
+        changes.append(f"bridge port {link.name}: isolated on")
     if problems:
         raise KernelError(
             f"cannot isolate ports of bridge {bridge}: {'; '.join(problems)}; "

@@ -51,6 +51,26 @@ class LinkState:
 
 
 @dataclass(frozen=True)
+class PinIdentity:
+    """Which namespace a pin refers to: the nsfs inode and device."""
+
+    inode: int
+    dev: int
+
+
+@dataclass(frozen=True)
+class EnvLinkSpec:
+    """What one environment's link must look like (see `NetworkDriver.ensure_env_link`)."""
+
+    netns: str  # pinned namespace name, where the peer lives as eth0
+    host_name: str  # host end of the veth
+    alias: str  # ownership tag of the host end
+    bridge: str  # the network's bridge, master of the host end
+    address_cidr: str  # eth0's only IPv4 address
+    gateway: str  # default route via
+
+
+@dataclass(frozen=True)
 class NetnsState:
     """A pinned network namespace and what lives inside it."""
 
@@ -96,6 +116,13 @@ class NetworkDriver(Protocol):
         given `alias`, tagged with it (on `lo`: the tag lives and dies with the namespace)."""
         ...
 
+    def ensure_netns_many(
+        self, items: Sequence[tuple[str, str | None]]
+    ) -> Mapping[str, PinIdentity | Exception]:
+        """`ensure_netns` for many (name, alias) pairs at once: each name's identity, or
+        the error that stopped that one (the others carry on)."""
+        ...
+
     def remove_netns(
         self, *, name: str, inode: int | None = None, alias: str | None = None
     ) -> bool:
@@ -124,8 +151,17 @@ class NetworkDriver(Protocol):
         """
         ...
 
+    def ensure_env_links(self, specs: Sequence[EnvLinkSpec]) -> Mapping[str, list[str] | Exception]:
+        """`ensure_env_link` for many envs at once (batched when their namespaces are
+        fresh); by host veth name: the changes made, or the error that stopped that env."""
+        ...
+
     def remove_env_link(self, *, host_name: str, alias: str) -> bool:
         """Delete the host veth (its peer goes with it) if it carries `alias`."""
+        ...
+
+    def wait_links_gone(self, names: Sequence[str], *, timeout: float) -> set[str]:
+        """Poll until no host link of `names` is left (or `timeout`); the names left."""
         ...
 
     def close(self) -> None:
@@ -210,6 +246,13 @@ class CgroupDriver(Protocol):
         """Kill what is left, wait (with a deadline) until empty, remove every directory."""
         ...
 
+    def remove_many(
+        self, envs: Sequence[str], *, timeout: float = 5.0
+    ) -> Mapping[str, bool | Exception]:
+        """`remove` for many envs: kill all, one wait, remove all; per env True (removed),
+        False (already gone) or the error that stopped it."""
+        ...
+
     def remove_parent(self) -> None:
         """Remove the instance's parent directories when they are empty."""
         ...
@@ -278,6 +321,17 @@ class HolderDriver(Protocol):
 
     def spawn(self, spec: HolderSpec) -> ProcessRef:
         """Start the holder (detached: not our child) and return its identity."""
+        ...
+
+    def spawn_many(self, specs: Sequence[HolderSpec]) -> Sequence[ProcessRef | Exception]:
+        """`spawn` for many envs, pipelined; per spec (in order) its ref or its error."""
+        ...
+
+    def stop_many(
+        self, refs: Sequence[ProcessRef], *, timeout: float = 5.0
+    ) -> Sequence[Exception | None]:
+        """`stop` for many holders: signal all, one wait; per ref (in order) None or
+        the error that stopped it."""
         ...
 
     def find(self, spec: HolderSpec) -> ProcessRef | None:

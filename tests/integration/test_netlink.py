@@ -637,11 +637,10 @@ def test_refuses_a_stray_eth0_whose_host_end_is_foreign(
 
 
 def test_recovers_from_a_broken_socket(driver: NetlinkDriver, built: Topology) -> None:
-    """White-box: break a cached socket under pyroute2; one call fails, the next reopens."""
+    """White-box: break a cached socket; one call fails, the next reopens."""
     env = built.envs[0]
     driver.observe(netns_names=[env.netns])
-    handle = driver._netns[env.netns]
-    fd = driver._call(lambda: int(handle.ipr.asyncore.socket.fileno()))
+    fd = driver._netns[env.netns].sock.fileno()
     null = os.open("/dev/null", os.O_RDONLY)
     os.dup2(null, fd)  # the socket's fd now names something that is not a socket
     os.close(null)
