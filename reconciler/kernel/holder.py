@@ -17,200 +17,286 @@ gets a holder, Debian's `catatonit -P` (pause mode: do nothing, reap children), 
 Workloads are later started with `nsenter --target <holder pid>`, so they share all of
 the holder's namespaces.
 
-The fork chain (no `unshare`/`nsenter` binaries: one fork chain per env, one exec):
+Who forks: not the controller. Forking its ~56 MB costs ~3 ms a fork, twice per env.
+The driver starts one small zygote process (reconciler.kernel.zygote: `python -I -S`,
+a few MB, started by posix_spawn, i.e. vfork) on first use and sends it requests over a
+socket: the env's netns pin and cgroup.procs files, opened here, travel with each request
+(SCM_RIGHTS), so a missing netns fails here and forks nothing. The zygote runs the
+double-fork chain and answers with the holder's pid once catatonit runs; the driver
+takes its identity (pid + start time) then. Requests are pipelined: `spawn_many` sends
+them all, then collects the answers; one env's failure is its own `KernelError`.
 
-    controller ──fork──▶ child: setsid, setns(net), join cgroups, unshare(uts|ipc|mnt|pid),
-                                sethostname ──fork──▶ grandchild (pid 1 of the new pid ns):
-                                report its pid,       make / rprivate, mount /proc,
-                                _exit(0)              stdio → /dev/null, close fds,
-                                                      exec catatonit -P
+    controller ──request──▶ zygote ──fork──▶ child: setns, cgroups, unshare, fork, report
+                ◀─answer──         (reaps the child)       └──▶ holder: exec catatonit -P
 
-Every file the children need is opened by the controller *before* forking, and the
-children run only `os.*` and ctypes calls: the controller is multi-threaded, and a
-forked child owns a copy of every lock another thread happened to hold (logging,
-allocators in third-party code), so anything higher-level could deadlock there.
-`os.fork` itself is safe: CPython re-initialises its own locks in the child.
+The zygote is our child and we reap it. It exits when its socket reaches end-of-file
+(`close()`, the driver dropped, or the controller died); a zygote that died is replaced on
+the next spawn, and the requests it had in flight fail with a `KernelError`.
 
-One pipe (O_CLOEXEC) carries everything back: the grandchild's pid (``P<pid>``) or the
-first failure (``E<what failed>``). The pipe reaches end-of-file when the last writer is
-gone, i.e. when catatonit's exec succeeded (close-on-exec) or the chain died.
+Stopping is batched too: `stop_many` SIGKILLs every holder through a pidfd checked
+against its start time, then waits for all of them with one deadline.
 """
 
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import errno
+import itertools
 import os
 import select
 import shutil
 import signal
+import socket
+import sys
+import threading
 import time
-from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import NoReturn
+import weakref
+from array import array
+from collections.abc import Iterable, Iterator, Sequence
+from types import TracebackType
 
 from reconciler.errors import KernelError
+from reconciler.kernel import zygote
 from reconciler.kernel.types import HolderSpec, ProcessRef
 from reconciler.state.procinfo import process_alive, process_start_time
 
-# <sched.h> / <sys/mount.h>: stable kernel ABI values.
-CLONE_NEWNS = 0x00020000
-CLONE_NEWUTS = 0x04000000
-CLONE_NEWIPC = 0x08000000
-CLONE_NEWPID = 0x20000000
-CLONE_NEWNET = 0x40000000
-MS_NOSUID = 0x2
-MS_NODEV = 0x4
-MS_NOEXEC = 0x8
-MS_REC = 0x4000
-MS_PRIVATE = 0x40000
+KNOWN_NAMESPACES = zygote.KNOWN_NAMESPACES
 
-# Namespaces `unshare` creates for the holder; "net" is joined (setns), never created.
-_UNSHARE_FLAGS = {
-    "uts": CLONE_NEWUTS,
-    "ipc": CLONE_NEWIPC,
-    "mnt": CLONE_NEWNS,
-    "pid": CLONE_NEWPID,
-}
-KNOWN_NAMESPACES = frozenset({"net", *_UNSHARE_FLAGS})
-
-# Exit status of a child that failed before exec (what shells use for "cannot execute").
-_EXIT_FAILED = 127
+# The zygote answers every request by its timeout itself; silent for this much longer
+# than the spawn timeout, it is hung, and is killed.
+_ZYGOTE_GRACE = 2.0
+# How long `close()` waits for the zygote to leave after end-of-file, then after SIGKILL.
+_CLOSE_TIMEOUT = 2.0
+# pidfds one stop_many holds at once (the controller's fd limit may be 1024).
+_STOP_CHUNK = 256
+# The zygote's entry point: import it from its own directory, after the stdlib's, so its
+# cached bytecode is used (a script given by path is compiled on every start).
+_LAUNCH = (
+    "import sys; sys.path.append(sys.argv.pop(1)); import zygote; sys.exit(zygote.main(sys.argv))"
+)
+# What a request carries besides its fds: (request id, datagram).
+_Prepared = tuple[int, bytes, list[int]]
 
 
-class _Libc:
-    """The few libc calls Python's `os` lacks, resolved once (never inside a child)."""
-
-    def __init__(self) -> None:
-        libc = ctypes.CDLL(None, use_errno=True)
-        self.setns = libc.setns
-        self.setns.argtypes = [ctypes.c_int, ctypes.c_int]
-        self.setns.restype = ctypes.c_int
-        self.unshare = libc.unshare
-        self.unshare.argtypes = [ctypes.c_int]
-        self.unshare.restype = ctypes.c_int
-        self.sethostname = libc.sethostname
-        self.sethostname.argtypes = [ctypes.c_char_p, ctypes.c_size_t]
-        self.sethostname.restype = ctypes.c_int
-        self.mount = libc.mount
-        self.mount.argtypes = [
-            ctypes.c_char_p,
-            ctypes.c_char_p,
-            ctypes.c_char_p,
-            ctypes.c_ulong,
-            ctypes.c_void_p,
-        ]
-        self.mount.restype = ctypes.c_int
+# --------------------------------------------------------------------------- the zygote
 
 
-_libc = _Libc()
+class _ZygoteProcess:
+    """One running zygote: our child (pid and pidfd) and our end of its socket."""
 
+    def __init__(self, *, pid: int, pidfd: int, sock: socket.socket) -> None:
+        self.pid = pid
+        self.pidfd = pidfd
+        self.sock = sock
 
-# --------------------------------------------------------------------------- fork chain
+    @classmethod
+    def start(cls) -> _ZygoteProcess:
+        """posix_spawn a zygote (stdio on /dev/null, its own session, our socket as fd 3)."""
+        if not sys.executable:
+            raise KernelError("cannot start the holder zygote: sys.executable is unknown")
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        try:
+            pid = os.posix_spawn(
+                sys.executable,
+                [
+                    sys.executable,
+                    "-I",
+                    "-S",
+                    "-c",
+                    _LAUNCH,
+                    os.path.dirname(os.path.abspath(zygote.__file__)),
+                    "3",
+                    str(os.getpid()),
+                ],
+                {},
+                file_actions=_zygote_fd_actions(theirs.fileno()),
+                setsid=True,
+                setsigmask=(),
+                # Dispositions the controller may have set: the zygote waits for its children.
+                setsigdef=(signal.SIGCHLD, signal.SIGINT, signal.SIGTERM, signal.SIGHUP),
+            )
+        except OSError as e:
+            ours.close()
+            raise KernelError(
+                f"cannot start the holder zygote with {sys.executable}: "
+                f"{_errno_name(e)}; check that this interpreter runs"
+            ) from e
+        finally:
+            theirs.close()
+        # Our child, not yet reaped: the pid is certainly the zygote's.
+        return cls(pid=pid, pidfd=os.pidfd_open(pid), sock=ours)
 
+    def exited(self) -> bool:
+        """True once the zygote has exited (a zombie until `close` reaps it)."""
+        return _wait_readable(self.pidfd, 0.0)
 
-@dataclass(frozen=True)
-class _Plan:
-    """Everything the fork chain needs, prepared by the parent (fds, bytes, ints)."""
+    def send(self, data: bytes, fds: Sequence[int]) -> None:
+        """One request; BlockingIOError when the socket is full."""
+        ancillary = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array("i", fds))] if fds else []
+        self.sock.sendmsg([data], ancillary, socket.MSG_DONTWAIT | socket.MSG_NOSIGNAL)
 
-    report_fd: int  # write end of the O_CLOEXEC pipe
-    devnull_fd: int
-    netns_fd: int | None  # open pin of the env's netns; None: stay in the current one
-    netns_path: str
-    cgroup_fds: tuple[tuple[int, str], ...]  # (open cgroup.procs fd, its path)
-    unshare_flags: int
-    hostname: bytes | None  # set only when uts is new: never the host's hostname
-    private_mounts: bool  # mnt is new: make / recursively private
-    mount_proc: bool  # mnt and pid are new: fresh /proc for the new pid namespace
-    catatonit: bytes
-    max_fd: int
-
-
-def _report(fd: int, message: bytes) -> None:
-    # One write below PIPE_BUF is atomic; a vanished reader (EPIPE) is not our problem.
-    with contextlib.suppress(OSError):
-        os.write(fd, message)
-
-
-def _die(plan: _Plan, what: str, err: int) -> NoReturn:
-    name = errno.errorcode.get(err, str(err))
-    _report(plan.report_fd, f"E{what}: {name} ({os.strerror(err)})\n".encode())
-    os._exit(_EXIT_FAILED)
-
-
-def _check(plan: _Plan, result: int, what: str) -> None:
-    if result != 0:
-        _die(plan, what, ctypes.get_errno())
-
-
-def _run_child(plan: _Plan) -> NoReturn:
-    """First fork: enter/create the namespaces, fork pid 1, report it, exit."""
-    try:
-        # A new session: no controlling terminal, no job-control signals from ours.
-        os.setsid()
-        if plan.netns_fd is not None:
-            _check(plan, _libc.setns(plan.netns_fd, CLONE_NEWNET), f"setns {plan.netns_path}")
-        pid = str(os.getpid()).encode()
-        for fd, path in plan.cgroup_fds:
+    def receive(self) -> tuple[list[zygote.Answer], bool]:
+        """Every answer waiting now, and whether the zygote's end is closed."""
+        answers: list[zygote.Answer] = []
+        while True:
             try:
-                os.write(fd, pid)
-            except OSError as e:
-                _die(plan, f"join cgroup {path}", e.errno or errno.EIO)
-        if plan.unshare_flags:
-            _check(plan, _libc.unshare(plan.unshare_flags), "unshare")
-        if plan.hostname is not None:
-            _check(
-                plan,
-                _libc.sethostname(plan.hostname, len(plan.hostname)),
-                "sethostname",
-            )
-        # The new pid namespace applies to our children only: this fork is its pid 1.
-        holder = os.fork()
-        if holder == 0:
-            _run_holder(plan)
-        _report(plan.report_fd, f"P{holder}\n".encode())
-        os._exit(0)
-    except OSError as e:
-        _die(plan, "holder setup", e.errno or errno.EIO)
-    except BaseException as e:
-        _report(plan.report_fd, f"Eholder setup: {type(e).__name__}: {e}\n".encode())
-    finally:
-        # Whatever happened, never return into the controller's stack in a forked copy.
-        os._exit(_EXIT_FAILED)
+                data = self.sock.recv(zygote.MAX_MESSAGE, socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                return answers, False
+            except ConnectionResetError:
+                return answers, True
+            if not data:
+                return answers, True
+            answers.append(zygote.decode_answer(data))
+
+    def close(self, *, kill: bool = False) -> str:
+        """End it (end-of-file, then SIGKILL past a deadline), reap it, say how it ended."""
+        self.sock.close()
+        try:
+            if kill or not _wait_readable(self.pidfd, _CLOSE_TIMEOUT):
+                with contextlib.suppress(ProcessLookupError):
+                    signal.pidfd_send_signal(self.pidfd, signal.SIGKILL)
+                if not _wait_readable(self.pidfd, _CLOSE_TIMEOUT):
+                    return "did not exit after SIGKILL"
+            try:
+                _, status = os.waitpid(self.pid, 0)
+            except ChildProcessError:
+                return "ended"  # reaped elsewhere (waitpid(-1) somewhere in the process)
+            if os.WIFSIGNALED(status):
+                return f"was killed by signal {os.WTERMSIG(status)}"
+            return f"exited with status {os.waitstatus_to_exitcode(status)}"
+        finally:
+            os.close(self.pidfd)
 
 
-def _run_holder(plan: _Plan) -> NoReturn:
-    """Second fork (pid 1 of the env): private mounts, own /proc, clean fds, exec."""
-    try:
-        if plan.private_mounts:
-            # Mount events must neither leak out to the host nor in from it.
-            _check(plan, _libc.mount(None, b"/", None, MS_REC | MS_PRIVATE, None), "make / private")
-        if plan.mount_proc:
-            # So that processes in the env see their own pid namespace in /proc.
-            _check(
-                plan,
-                _libc.mount(b"proc", b"/proc", b"proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, None),
-                "mount /proc",
-            )
-        # The controller thread that forked may have blocked signals; exec keeps the mask.
-        signal.pthread_sigmask(signal.SIG_SETMASK, ())
-        for target in (0, 1, 2):
-            os.dup2(plan.devnull_fd, target)
-        # Keep only stdio and the report pipe (close-on-exec: closes itself on success).
-        os.closerange(3, plan.report_fd)
-        os.closerange(plan.report_fd + 1, plan.max_fd)
-    except OSError as e:
-        _die(plan, "holder setup", e.errno or errno.EIO)
-    except BaseException as e:
-        _report(plan.report_fd, f"Eholder setup: {type(e).__name__}: {e}\n".encode())
-        os._exit(_EXIT_FAILED)
-    try:
-        os.execv(plan.catatonit, [b"catatonit", b"-P"])
-    except OSError as e:
-        _die(plan, f"exec {plan.catatonit.decode()}", e.errno or errno.EIO)
-    finally:
-        os._exit(_EXIT_FAILED)
+def _zygote_fd_actions(sock_fd: int) -> list[tuple[int, ...] | tuple[int, int, str, int, int]]:
+    """posix_spawn file actions: the zygote's socket end as fd 3, stdio on /dev/null."""
+    actions: list[tuple[int, ...] | tuple[int, int, str, int, int]] = []
+    if sock_fd == 3:
+        # dup2(3, 3) would keep close-on-exec: go through another number first.
+        actions.append((os.POSIX_SPAWN_DUP2, 3, 4))
+        sock_fd = 4
+    actions += [
+        (os.POSIX_SPAWN_DUP2, sock_fd, 3),
+        (os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDWR, 0),
+        (os.POSIX_SPAWN_DUP2, 0, 1),
+        (os.POSIX_SPAWN_DUP2, 0, 2),
+    ]
+    return actions
+
+
+class _ZygoteClient:
+    """The driver's side of the zygote: (re)start it, and one exchange of requests at a time."""
+
+    def __init__(self, *, silence: float) -> None:
+        self._lock = threading.Lock()
+        self._process: _ZygoteProcess | None = None
+        self._silence = silence
+        self._owner = os.getpid()
+
+    @property
+    def pid(self) -> int | None:
+        """The running zygote's pid, if one was started and not closed."""
+        process = self._process
+        return process.pid if process is not None else None
+
+    def start(self) -> None:
+        """Start the zygote now, if none runs."""
+        with self._lock:
+            self._running()
+
+    def close(self) -> None:
+        """Stop and reap the zygote, if one runs; idempotent."""
+        if os.getpid() != self._owner:
+            return  # a forked copy of the controller: the zygote is not its child
+        with self._lock:
+            if self._process is not None:
+                self._process.close()
+                self._process = None
+
+    def exchange(
+        self, requests: Iterator[_Prepared]
+    ) -> tuple[dict[int, zygote.Answer], str | None]:
+        """Send every request (closing its fds once sent) while collecting the answers.
+
+        Returns the answers by request id and, when some are missing, why (the zygote
+        died, hung, or could not start). Requests are pulled from `requests` only when
+        they can be sent, so their fds are open for a short while only.
+        """
+        with self._lock:
+            first = next(requests, None)
+            if first is None:
+                return {}, None
+            try:
+                process = self._running()
+            except KernelError as e:
+                _close_all(first[2])
+                return {}, e.message
+            return self._exchange(process, first, requests)
+
+    def _running(self) -> _ZygoteProcess:
+        process = self._process
+        if process is not None and not process.exited():
+            return process
+        if process is not None:
+            process.close()
+        self._process = _ZygoteProcess.start()
+        return self._process
+
+    def _exchange(
+        self, process: _ZygoteProcess, first: _Prepared, rest: Iterator[_Prepared]
+    ) -> tuple[dict[int, zygote.Answer], str | None]:
+        answers: dict[int, zygote.Answer] = {}
+        waiting: set[int] = set()
+        pending: _Prepared | None = first
+        deadline = time.monotonic() + self._silence
+        poller = select.poll()
+        try:
+            while pending is not None or waiting:
+                while pending is not None:
+                    request_id, data, fds = pending
+                    try:
+                        process.send(data, fds)
+                    except BlockingIOError:
+                        break  # the socket is full: collect answers, then go on
+                    except (BrokenPipeError, ConnectionResetError):
+                        return answers, self._lost(process, kill=False)
+                    except OSError as e:
+                        error = f"send to the holder zygote: {_errno_name(e)}"
+                        answers[request_id] = zygote.Answer(request_id, 0, error)
+                    else:
+                        waiting.add(request_id)
+                        deadline = time.monotonic() + self._silence
+                    _close_all(fds)
+                    pending = next(rest, None)
+                want = select.POLLIN | (select.POLLOUT if pending is not None else 0)
+                poller.register(process.sock, want)
+                if not poller.poll(max(0.0, deadline - time.monotonic()) * 1000):
+                    if time.monotonic() >= deadline:
+                        return answers, self._lost(process, kill=True)
+                    continue
+                received, closed = process.receive()
+                for answer in received:
+                    if answer.request_id in waiting:
+                        waiting.discard(answer.request_id)
+                        answers[answer.request_id] = answer
+                        deadline = time.monotonic() + self._silence
+                if closed:
+                    return answers, self._lost(process, kill=False)
+            return answers, None
+        except zygote.ProtocolError:
+            return answers, self._lost(process, kill=True)
+        finally:
+            if pending is not None:
+                _close_all(pending[2])
+
+    def _lost(self, process: _ZygoteProcess, *, kill: bool) -> str:
+        """Reap a zygote that died (or kill a hung one); why its requests have no answer."""
+        self._process = None
+        how = process.close(kill=kill)
+        if kill:
+            how = f"did not answer within {self._silence:g}s and was killed ({how})"
+        return f"the holder zygote (pid {process.pid}) {how}; the next spawn starts a new one"
 
 
 # --------------------------------------------------------------------------- driver
@@ -227,119 +313,133 @@ def _find_catatonit(path: str | None) -> str:
 
 
 class ForkingHolderDriver:
-    """`HolderDriver` that builds each holder with one double-fork chain and one exec."""
+    """`HolderDriver` whose holders a small zygote process forks, many at a time."""
 
     def __init__(self, *, catatonit: str | None = None, spawn_timeout: float = 10.0) -> None:
         """Locate catatonit now, so a missing package fails at startup, not per env."""
         self.catatonit = _find_catatonit(catatonit)
         self.spawn_timeout = spawn_timeout
+        self._zygote = _ZygoteClient(silence=spawn_timeout + _ZYGOTE_GRACE)
+        self._ids = itertools.count(1)
+        # Stop the zygote when the driver is dropped, or at interpreter exit.
+        weakref.finalize(self, self._zygote.close)
+
+    @property
+    def zygote_pid(self) -> int | None:
+        """Pid of the running zygote (our child), None before the first spawn or after close."""
+        return self._zygote.pid
+
+    def start(self) -> None:
+        """Start the zygote now (it starts on first spawn anyway): ~20 ms, off this thread."""
+        self._zygote.start()
+
+    def close(self) -> None:
+        """Stop the zygote and reap it; idempotent. A later spawn starts a new one."""
+        self._zygote.close()
+
+    def __enter__(self) -> ForkingHolderDriver:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.close()
 
     # ---------------------------------------------------------------- spawn
 
     def spawn(self, spec: HolderSpec) -> ProcessRef:
         """Start the holder (detached: not our child) and return its identity."""
+        result = self.spawn_many([spec])[0]
+        if isinstance(result, KernelError):
+            raise result
+        return result
+
+    def spawn_many(self, specs: Sequence[HolderSpec]) -> list[ProcessRef | KernelError]:
+        """Start every holder, pipelined; results in input order, a failure is its own."""
+        refused: dict[int, KernelError] = {}
+        sent: dict[int, int] = {}  # request id -> index in specs
+
+        def requests() -> Iterator[_Prepared]:
+            for index, spec in enumerate(specs):
+                try:
+                    prepared = self._prepare(spec)
+                except KernelError as e:
+                    refused[index] = e
+                    continue
+                sent[prepared[0]] = index
+                yield prepared
+
+        answers, failure = self._zygote.exchange(requests())
+        by_index = {index: answers.get(request_id) for request_id, index in sent.items()}
+        results: list[ProcessRef | KernelError] = []
+        for index, spec in enumerate(specs):
+            if index in refused:
+                results.append(refused[index])
+            else:
+                results.append(self._outcome(spec, by_index.get(index), failure))
+        return results
+
+    def _prepare(self, spec: HolderSpec) -> _Prepared:
+        """Open the fds the chain needs and encode the request; failures fork nothing."""
         unknown = spec.namespaces - KNOWN_NAMESPACES
         if unknown:
             raise KernelError(
                 f"holder for env {spec.env}: unknown namespaces {sorted(unknown)}; "
                 f"use a subset of {sorted(KNOWN_NAMESPACES)}"
             )
-        read_fd, write_fd = os.pipe2(os.O_CLOEXEC)
-        opened = [write_fd]
-        try:
-            plan = self._prepare(spec, report_fd=write_fd, opened=opened)
-            child = os.fork()
-            if child == 0:
-                _run_child(plan)
-            # Only the children may keep the write end: EOF must mean "they are done".
-            _close_all(opened)
-            opened.clear()
-            return self._collect(spec, read_fd=read_fd, child=child)
-        finally:
-            _close_all(opened)
-            os.close(read_fd)
+        namespaces = spec.namespaces
+        fds: list[int] = []
 
-    def _prepare(self, spec: HolderSpec, *, report_fd: int, opened: list[int]) -> _Plan:
-        """Open everything the children need; failures here never fork anything."""
-
-        def open_fd(path: str, flags: int, what: str) -> int:
+        def open_fd(path: str, flags: int, what: str) -> None:
             try:
-                fd = os.open(path, flags | os.O_CLOEXEC)
+                fds.append(os.open(path, flags | os.O_CLOEXEC))
             except OSError as e:
                 raise KernelError(
-                    f"holder for env {spec.env} failed: open {what}{path}: "
-                    f"{errno.errorcode.get(e.errno or 0, '?')} ({e.strerror})"
+                    f"holder for env {spec.env} failed: open {what}{path}: {_errno_name(e)}"
                 ) from e
-            opened.append(fd)
-            return fd
 
-        devnull = open_fd(os.devnull, os.O_RDWR, "")
-        netns_fd = (
-            open_fd(spec.netns_path, os.O_RDONLY, "netns ") if "net" in spec.namespaces else None
-        )
-        cgroup_fds = tuple(
-            (open_fd(path, os.O_WRONLY, "cgroup "), path) for path in spec.cgroup_procs
-        )
-        flags = 0
-        for name, flag in _UNSHARE_FLAGS.items():
-            if name in spec.namespaces:
-                flags |= flag
-        return _Plan(
-            report_fd=report_fd,
-            devnull_fd=devnull,
-            netns_fd=netns_fd,
-            netns_path=spec.netns_path,
-            cgroup_fds=cgroup_fds,
-            unshare_flags=flags,
-            hostname=spec.hostname.encode() if "uts" in spec.namespaces else None,
-            private_mounts="mnt" in spec.namespaces,
-            mount_proc="mnt" in spec.namespaces and "pid" in spec.namespaces,
-            catatonit=self.catatonit.encode(),
-            max_fd=os.sysconf("SC_OPEN_MAX"),
-        )
+        try:
+            if "net" in namespaces:
+                open_fd(spec.netns_path, os.O_RDONLY, "netns ")
+            for path in spec.cgroup_procs:
+                open_fd(path, os.O_WRONLY, "cgroup ")
+            request = zygote.Request(
+                request_id=next(self._ids),
+                unshare_flags=zygote.unshare_flags(namespaces),
+                private_mounts="mnt" in namespaces,
+                mount_proc="mnt" in namespaces and "pid" in namespaces,
+                timeout=self.spawn_timeout,
+                catatonit=self.catatonit,
+                hostname=spec.hostname if "uts" in namespaces else None,
+                netns_path=spec.netns_path if "net" in namespaces else None,
+                cgroup_procs=tuple(spec.cgroup_procs),
+            )
+            return request.request_id, zygote.encode_request(request), fds
+        except zygote.ProtocolError as e:
+            _close_all(fds)
+            raise KernelError(f"holder for env {spec.env} failed: {e}") from e
+        except BaseException:
+            _close_all(fds)
+            raise
 
-    def _collect(self, spec: HolderSpec, *, read_fd: int, child: int) -> ProcessRef:
-        """Read the report pipe to EOF (with a deadline), reap the child, return the ref."""
-        deadline = time.monotonic() + self.spawn_timeout
-        buffer = b""
-        holder: ProcessRef | None = None
-        timed_out = False
-        poller = select.poll()
-        poller.register(read_fd, select.POLLIN)
-        while True:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0 or not poller.poll(remaining * 1000):
-                timed_out = True
-                break
-            chunk = os.read(read_fd, 4096)
-            if not chunk:
-                break
-            buffer += chunk
-            if holder is None and buffer.startswith(b"P") and b"\n" in buffer:
-                # Take the start time now, while the pid is certainly still the holder's.
-                holder = _identify(int(buffer[1 : buffer.index(b"\n")]), deadline=deadline)
-        if timed_out:
-            # Our own unreaped child cannot have been replaced by another process: safe.
-            _kill_quietly(child)
-            if holder is not None:
-                with contextlib.suppress(KernelError):
-                    self.stop(holder, timeout=1.0)
-        status = _reap(child)
-        lines = buffer.decode(errors="replace").splitlines()
-        failure = next((line[1:] for line in lines if line.startswith("E")), None)
+    def _outcome(
+        self, spec: HolderSpec, answer: zygote.Answer | None, failure: str | None
+    ) -> ProcessRef | KernelError:
         prefix = f"holder for env {spec.env} failed"
-        if timed_out:
-            raise KernelError(
-                f"{prefix}: catatonit did not start within {self.spawn_timeout:g}s; "
-                "check the host's load and dmesg"
+        if answer is None:
+            return KernelError(f"{prefix}: {failure or 'the holder zygote did not answer'}")
+        if answer.error is not None:
+            return KernelError(f"{prefix}: {answer.error}")
+        ref = _identify(answer.pid)
+        if not self.alive(ref):
+            return KernelError(
+                f"{prefix}: the fork chain ended without a running holder "
+                f"(catatonit pid {ref.pid} exited at once); check dmesg"
             )
-        if failure is not None:
-            raise KernelError(f"{prefix}: {failure}")
-        if holder is None or not self.alive(holder):
-            raise KernelError(
-                f"{prefix}: the fork chain ended without a running holder ({status}); check dmesg"
-            )
-        return holder
+        return ref
 
     # ---------------------------------------------------------------- inspect / stop
 
@@ -348,34 +448,45 @@ class ForkingHolderDriver:
         return process_alive(ref.pid, ref.start_time)
 
     def stop(self, ref: ProcessRef, *, timeout: float = 5.0) -> None:
-        """SIGKILL the holder, if `ref` still is it, and wait until it has exited.
+        """SIGKILL the holder, if `ref` still is it, and wait until it has exited."""
+        error = self.stop_many([ref], timeout=timeout)[0]
+        if error is not None:
+            raise error
 
-        As pid 1 of its pid namespace, its death makes the kernel kill every process in
-        that namespace; the holder has exited only once they are all gone. It is not our
-        child, so init (or a subreaper) reaps it: an exited zombie counts as gone.
+    def stop_many(
+        self, refs: Sequence[ProcessRef], *, timeout: float = 5.0
+    ) -> list[KernelError | None]:
+        """SIGKILL every holder that `refs` still names, then wait for all with one deadline.
+
+        As pid 1 of its pid namespace, a holder's death makes the kernel kill every process
+        in that namespace; it has exited only once they are all gone. It is not our child,
+        so init (or a subreaper) reaps it: an exited zombie counts as gone, and so does a
+        ref whose pid now has another start time (never signalled). Per ref: None when
+        gone, else the KernelError.
         """
-        try:
-            # The pidfd pins one process: if it matches `ref` now, the signal below can
-            # only reach that process even if the pid is reused meanwhile.
-            pidfd = os.pidfd_open(ref.pid)
-        except ProcessLookupError:
-            return
-        try:
-            if not self.alive(ref):
-                return
+        deadline = time.monotonic() + max(timeout, 0.0)
+        results: list[KernelError | None] = [None] * len(refs)
+        for first in range(0, len(refs), _STOP_CHUNK):
+            killed: dict[int, int] = {}  # pidfd -> index
             try:
-                signal.pidfd_send_signal(pidfd, signal.SIGKILL)
-            except ProcessLookupError:
-                return
-            poller = select.poll()
-            poller.register(pidfd, select.POLLIN)  # readable once the process has exited
-            if not poller.poll(max(timeout, 0.0) * 1000):
-                raise KernelError(
-                    f"holder pid {ref.pid} did not exit within {timeout:g}s of SIGKILL; "
-                    "a process in its pid namespace may be stuck in the kernel (state D)"
-                )
-        finally:
-            os.close(pidfd)
+                for index in range(first, min(first + _STOP_CHUNK, len(refs))):
+                    try:
+                        pidfd = _kill_verified(refs[index])
+                    except KernelError as e:
+                        results[index] = e
+                        continue
+                    if pidfd is not None:
+                        killed[pidfd] = index
+                _wait_all_readable(killed, deadline)
+                for index in killed.values():
+                    results[index] = KernelError(
+                        f"holder pid {refs[index].pid} did not exit within {timeout:g}s of "
+                        "SIGKILL; a process in its pid namespace may be stuck in the kernel "
+                        "(state D)"
+                    )
+            finally:
+                _close_all(killed)
+        return results
 
     def find(self, spec: HolderSpec) -> ProcessRef | None:
         """The live holder of `spec`'s environment, when the inventory lost track of it.
@@ -438,36 +549,63 @@ def _holder_candidate(pid: int, *, catatonit: str, pin: os.stat_result) -> Proce
     return ProcessRef(pid=pid, start_time=start_time) if process_alive(pid, start_time) else None
 
 
-def _close_all(fds: Sequence[int]) -> None:
+def _kill_verified(ref: ProcessRef) -> int | None:
+    """SIGKILL `ref` if it is still that process; its pidfd, or None if it is gone."""
+    try:
+        # The pidfd pins one process: if it matches `ref` now, the signal below can only
+        # reach that process even if the pid is reused meanwhile.
+        pidfd = os.pidfd_open(ref.pid)
+    except ProcessLookupError:
+        return None
+    except OSError as e:
+        raise KernelError(
+            f"cannot stop holder pid {ref.pid}: pidfd_open: {_errno_name(e)}; "
+            "raise the open files limit (ulimit -n)"
+        ) from e
+    try:
+        if process_alive(ref.pid, ref.start_time):
+            signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+            return pidfd
+    except ProcessLookupError:
+        pass
+    os.close(pidfd)
+    return None
+
+
+def _wait_all_readable(fds: dict[int, int], deadline: float) -> None:
+    """Remove from `fds` each fd that becomes readable (a pidfd: exited) before `deadline`."""
+    poller = select.poll()
     for fd in fds:
+        poller.register(fd, select.POLLIN)
+    while fds:
+        remaining = deadline - time.monotonic()
+        events = poller.poll(max(remaining, 0.0) * 1000)
+        for fd, _ in events:
+            poller.unregister(fd)
+            os.close(fd)
+            del fds[fd]
+        if not events and remaining <= 0:
+            return
+
+
+def _wait_readable(fd: int, timeout: float) -> bool:
+    poller = select.poll()
+    poller.register(fd, select.POLLIN)
+    return bool(poller.poll(timeout * 1000))
+
+
+def _close_all(fds: Iterable[int]) -> None:
+    for fd in list(fds):
         with contextlib.suppress(OSError):
             os.close(fd)
 
 
-def _kill_quietly(pid: int) -> None:
-    with contextlib.suppress(ProcessLookupError):
-        os.kill(pid, signal.SIGKILL)
+def _errno_name(e: OSError) -> str:
+    return f"{errno.errorcode.get(e.errno or 0, '?')} ({e.strerror})"
 
 
-def _reap(child: int) -> str:
-    """Wait for our intermediate child; describe how it ended."""
-    try:
-        _, status = os.waitpid(child, 0)
-    except ChildProcessError:
-        # Someone else in the controller reaped it (waitpid(-1)); the pipe told us enough.
-        return "intermediate process reaped elsewhere"
-    if os.WIFSIGNALED(status):
-        return f"intermediate process killed by signal {os.WTERMSIG(status)}"
-    return f"intermediate process exited with status {os.waitstatus_to_exitcode(status)}"
-
-
-def _identify(pid: int, *, deadline: float) -> ProcessRef:
-    """ProcessRef of `pid`, retrying briefly until /proc shows it."""
-    while True:
-        start_time = process_start_time(pid)
-        if start_time is not None:
-            return ProcessRef(pid=pid, start_time=start_time)
-        if time.monotonic() >= deadline:
-            # Report a ref that can never match: alive() is False, stop() is a no-op.
-            return ProcessRef(pid=pid, start_time=-1)
-        time.sleep(0.001)
+def _identify(pid: int) -> ProcessRef:
+    """The ProcessRef of a holder that just started (catatonit runs: /proc shows it)."""
+    start_time = process_start_time(pid)
+    # None: it is already gone; a ref that can never match says so (alive() is False).
+    return ProcessRef(pid=pid, start_time=start_time if start_time is not None else -1)

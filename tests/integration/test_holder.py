@@ -1,9 +1,11 @@
 """The per-environment holder, checked through the kernel's own view (/proc, cgroup files,
 `nsenter`), never through the driver's claims.
 
-Each test gets a pinned netns (`ip netns add <instance>-h1`) and a throwaway v1 cgroup
-(pids + memory) of its own, and removes both. The holder is not our child, so "gone"
-means: no /proc entry, or a zombie waiting for init to reap it.
+Each test makes the envs it needs (`make_env`: a pinned netns `ip netns add
+<instance>-<env>` and a throwaway v1 cgroup, pids + memory) and removes them. The holder
+is not our child, so "gone" means: no /proc entry, or a zombie waiting for init to reap
+it. The driver's zygote *is* our child (by design): tests find it by `driver.zygote_pid`
+and check that it is reaped and replaced as promised.
 """
 
 from __future__ import annotations
@@ -11,13 +13,15 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import re
 import shutil
 import signal
 import socket
 import subprocess
-from collections.abc import Iterator
+import sys
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
 
@@ -74,6 +78,11 @@ def _children() -> set[int]:
     return {p for p in pids if kernel_view.pid_alive(p)}
 
 
+def _chain_children(driver: ForkingHolderDriver) -> set[int]:
+    """Our live children other than the driver's zygote (which is ours by design)."""
+    return _children() - {driver.zygote_pid or 0}
+
+
 # --------------------------------------------------------------------------- fixtures
 
 
@@ -81,6 +90,7 @@ def _children() -> set[int]:
 class EnvKernel:
     """The kernel objects one holder is attached to."""
 
+    name: str
     netns: str
     netns_path: str
     cgroup_dirs: tuple[Path, ...]
@@ -95,7 +105,7 @@ class EnvKernel:
     ) -> HolderSpec:
         """The holder spec for this env, all namespaces by default."""
         return HolderSpec(
-            env="h1",
+            env=self.name,
             netns_path=self.netns_path,
             hostname=hostname,
             namespaces=namespaces,
@@ -107,28 +117,56 @@ class EnvKernel:
         return kernel_view.pids_in_cgroup_dirs(self.cgroup_dirs)
 
 
+MakeEnv = Callable[[str], EnvKernel]
+
+
 @pytest.fixture
-def env_kernel(sandbox: None, instance: str) -> Iterator[EnvKernel]:
-    """A pinned netns and a pids+memory cgroup, removed (with anything inside) afterwards."""
-    netns = f"{instance}-h1"
-    subprocess.run(["ip", "netns", "add", netns], check=True)
+def make_env(sandbox: None, instance: str) -> Iterator[MakeEnv]:
+    """Make envs (a pinned netns and a pids+memory cgroup each); all removed afterwards,
+    with anything inside."""
+    made: list[EnvKernel] = []
     tops = [CGROUP_ROOT / c / instance for c in CONTROLLERS]
-    dirs = tuple(top / "h1" for top in tops)
-    try:
-        for d in dirs:
+
+    def make(name: str) -> EnvKernel:
+        netns = f"{instance}-{name}"
+        subprocess.run(["ip", "netns", "add", netns], check=True)
+        env = EnvKernel(
+            name=name,
+            netns=netns,
+            netns_path=f"/run/netns/{netns}",
+            cgroup_dirs=tuple(top / name for top in tops),
+        )
+        made.append(env)
+        for d in env.cgroup_dirs:
             d.mkdir(parents=True)
-        yield EnvKernel(netns=netns, netns_path=f"/run/netns/{netns}", cgroup_dirs=dirs)
+        return env
+
+    try:
+        yield make
     finally:
-        env = EnvKernel(netns=netns, netns_path="", cgroup_dirs=dirs)
-        # Everything in this test's own cgroup was started by this test: kill it.
-        for pid in env.cgroup_pids():
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-        wait_until(lambda: not env.cgroup_pids(), 5.0, message="cgroup did not empty")
-        for d in [*dirs, *tops]:
-            # rmdir can race the kernel's release of the last task: retry EBUSY.
-            wait_until(partial(_rmdir, d), 5.0, message=f"cannot remove {d}")
-        subprocess.run(["ip", "netns", "del", netns], check=True)
+        # Everything in this test's own cgroups was started by this test: kill it.
+        for env in made:
+            for pid in env.cgroup_pids():
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+        for env in made:
+            wait_until(partial(_is_empty, env), 5.0, message="cgroup did not empty")
+            for d in env.cgroup_dirs:
+                # rmdir can race the kernel's release of the last task: retry EBUSY.
+                wait_until(partial(_rmdir, d), 5.0, message=f"cannot remove {d}")
+            subprocess.run(["ip", "netns", "del", env.netns], check=True)
+        for top in tops:
+            wait_until(partial(_rmdir, top), 5.0, message=f"cannot remove {top}")
+
+
+@pytest.fixture
+def env_kernel(make_env: MakeEnv) -> EnvKernel:
+    """One env, "h1"."""
+    return make_env("h1")
+
+
+def _is_empty(env: EnvKernel) -> bool:
+    return not env.cgroup_pids()
 
 
 def _rmdir(path: Path) -> bool:
@@ -144,11 +182,12 @@ def _rmdir(path: Path) -> bool:
 
 
 @pytest.fixture
-def driver() -> ForkingHolderDriver:
-    """The driver under test (needs catatonit on PATH)."""
+def driver() -> Iterator[ForkingHolderDriver]:
+    """The driver under test (needs catatonit on PATH); its zygote is stopped afterwards."""
     if shutil.which("catatonit") is None:
         unavailable("catatonit is not installed (run hack/setup.sh)")
-    return ForkingHolderDriver()
+    with ForkingHolderDriver() as holders:
+        yield holders
 
 
 @pytest.fixture
@@ -181,6 +220,15 @@ def test_holder_is_pid_1_of_its_pid_namespace_and_not_our_child(spawned: Process
     assert nspid[-1] == "1"
     assert int(_status(spawned.pid, "PPid")[0]) != os.getpid()
     assert spawned.pid not in _children()
+
+
+def test_holder_is_not_a_child_of_the_zygote_either(
+    driver: ForkingHolderDriver, spawned: ProcessRef
+) -> None:
+    zygote = driver.zygote_pid
+    assert zygote is not None
+    assert int(_status(spawned.pid, "PPid")[0]) != zygote
+    assert int(_status(zygote, "PPid")[0]) == os.getpid()
 
 
 def test_holder_is_in_the_cgroup_before_anything_else(
@@ -348,7 +396,7 @@ def test_a_pin_that_is_not_a_netns_fails_in_setns_and_leaks_nothing(
 ) -> None:
     not_a_netns = tmp_path / "plain-file"
     not_a_netns.write_text("")
-    before = _children()
+    before = _chain_children(driver)
     spec = HolderSpec(
         env="h1",
         netns_path=str(not_a_netns),
@@ -358,7 +406,7 @@ def test_a_pin_that_is_not_a_netns_fails_in_setns_and_leaks_nothing(
     )
     with pytest.raises(KernelError, match=r"holder for env h1 failed: setns .*: EINVAL"):
         driver.spawn(spec)
-    assert _children() == before
+    assert _chain_children(driver) == before
     assert env_kernel.cgroup_pids() == set()
 
 
@@ -368,8 +416,10 @@ def test_exec_failure_in_the_holder_is_reported_and_leaves_nothing(
     broken = tmp_path / "catatonit"
     broken.write_bytes(b"\x7fELF not really\n")
     broken.chmod(0o755)
-    driver = ForkingHolderDriver(catatonit=str(broken))
-    with pytest.raises(KernelError, match=r"failed: exec .*catatonit: ENOEXEC"):
+    with (
+        ForkingHolderDriver(catatonit=str(broken)) as driver,
+        pytest.raises(KernelError, match=r"failed: exec .*catatonit: ENOEXEC"),
+    ):
         driver.spawn(env_kernel.spec())
     # The holder had joined the cgroup before failing: it must be gone from there too.
     wait_until(lambda: env_kernel.cgroup_pids() == set(), 5.0, message="a holder leaked")
@@ -390,3 +440,228 @@ def test_unknown_namespace_is_refused_before_forking(driver: ForkingHolderDriver
     )
     with pytest.raises(KernelError, match=r"unknown namespaces \['user'\]"):
         driver.spawn(spec)
+
+
+# --------------------------------------------------------------------------- batches, zygote
+
+
+def _hostname_of(pid: int) -> str:
+    return subprocess.run(
+        ["nsenter", "--target", str(pid), "--uts", "hostname"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+
+
+def _stuck_cgroup_file(tmp_path: Path) -> tuple[str, int, int]:
+    """A FIFO posing as a cgroup.procs file whose pipe is full: a chain writing its pid
+    there blocks (interruptibly) until killed. Returns (path, read fd, write fd)."""
+    fifo = tmp_path / "stuck.procs"
+    os.mkfifo(fifo)
+    read_fd = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)
+    write_fd = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
+    with contextlib.suppress(BlockingIOError):
+        while True:
+            os.write(write_fd, b"x" * 65536)
+    return str(fifo), read_fd, write_fd
+
+
+def test_spawn_many_gives_each_env_its_own_holder(
+    driver: ForkingHolderDriver, make_env: MakeEnv
+) -> None:
+    envs = [make_env(f"m{i}") for i in range(20)]
+    results = driver.spawn_many([env.spec(hostname=f"host-{env.name}") for env in envs])
+    refs = [r for r in results if isinstance(r, ProcessRef)]
+    assert len(refs) == len(envs), results
+    own_levels = len(_status(os.getpid(), "NSpid"))
+    try:
+        assert len({_ns(ref.pid, "pid") for ref in refs}) == len(refs)
+        for env, ref in zip(envs, refs, strict=True):
+            assert _start_time(ref.pid) == ref.start_time
+            nspid = _status(ref.pid, "NSpid")
+            assert (len(nspid), nspid[-1]) == (own_levels + 1, "1")
+            pin = os.stat(env.netns_path)
+            assert _ns(ref.pid, "net") == (pin.st_dev, pin.st_ino)
+            for procs in env.procs_files:
+                assert ref.pid in {int(p) for p in Path(procs).read_text().split()}
+            assert _hostname_of(ref.pid) == f"host-{env.name}"
+            assert int(_status(ref.pid, "PPid")[0]) not in (os.getpid(), driver.zygote_pid)
+            assert ref.pid not in _children()
+    finally:
+        assert driver.stop_many(refs) == [None] * len(refs)
+    for ref in refs:
+        assert _gone(ref.pid, ref.start_time)
+
+
+def test_spawn_many_one_failing_env_fails_alone(
+    driver: ForkingHolderDriver, make_env: MakeEnv, tmp_path: Path
+) -> None:
+    envs = [make_env(f"f{i}") for i in range(4)]
+    not_a_netns = tmp_path / "plain-file"
+    not_a_netns.write_text("")
+    specs = [env.spec() for env in envs]
+    # Fails in the driver (opening the pin) and in the chain (setns), respectively.
+    specs.insert(1, replace(envs[1].spec(), env="nopin", netns_path="/run/netns/rt-absent"))
+    specs.insert(3, replace(envs[2].spec(), env="notns", netns_path=str(not_a_netns)))
+    results = driver.spawn_many(specs)
+    try:
+        assert isinstance(results[1], KernelError)
+        assert re.fullmatch(
+            r"holder for env nopin failed: open netns /run/netns/rt-absent: ENOENT \(.*\)",
+            str(results[1]),
+        )
+        assert isinstance(results[3], KernelError)
+        assert re.fullmatch(
+            r"holder for env notns failed: setns .*plain-file: EINVAL \(.*\)", str(results[3])
+        )
+        ok = [results[i] for i in (0, 2, 4, 5)]
+        assert all(isinstance(r, ProcessRef) and driver.alive(r) for r in ok), results
+        # The failed chain left nothing in the cgroup it had joined before setns failed.
+        assert {r.pid for r in ok if isinstance(r, ProcessRef)} == set().union(
+            *(env.cgroup_pids() for env in envs)
+        )
+    finally:
+        driver.stop_many([r for r in results if isinstance(r, ProcessRef)])
+
+
+def test_a_chain_past_its_timeout_is_killed_and_reported(make_env: MakeEnv, tmp_path: Path) -> None:
+    env = make_env("slow")
+    stuck, *pipe_fds = _stuck_cgroup_file(tmp_path)
+    spec = replace(env.spec(), cgroup_procs=(*env.procs_files, stuck))
+    try:
+        with ForkingHolderDriver(spawn_timeout=0.5) as driver:
+            with pytest.raises(
+                KernelError, match=r"^holder for env slow failed: catatonit did not start within "
+            ):
+                driver.spawn(spec)
+            # The intermediate had joined the env's cgroup before it blocked: killed.
+            wait_until(lambda: not env.cgroup_pids(), 5.0, message="the chain was not killed")
+            # The zygote lives on and serves the next request.
+            ref = driver.spawn(env.spec())
+            driver.stop(ref)
+    finally:
+        _close_fds(pipe_fds)
+
+
+def test_a_dead_zygote_fails_its_requests_and_is_restarted(
+    driver: ForkingHolderDriver, env_kernel: EnvKernel, tmp_path: Path
+) -> None:
+    stuck, *pipe_fds = _stuck_cgroup_file(tmp_path)
+    spec = replace(env_kernel.spec(), cgroup_procs=(*env_kernel.procs_files, stuck))
+    try:
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            pending = pool.submit(driver.spawn_many, [spec])
+            # The chain is in flight once its intermediate has joined the env's cgroup.
+            wait_until(env_kernel.cgroup_pids, 5.0, message="the chain did not start")
+            zygote = driver.zygote_pid
+            assert zygote is not None
+            # Our own child, not yet reaped (the driver waits on it): certainly the zygote.
+            os.kill(zygote, signal.SIGKILL)
+            [result] = pending.result(timeout=10)
+        assert isinstance(result, KernelError)
+        assert re.fullmatch(
+            rf"holder for env h1 failed: the holder zygote \(pid {zygote}\) was killed by "
+            r"signal 9; the next spawn starts a new one",
+            str(result),
+        )
+        assert zygote not in _children()
+        # Its chain died with it (parent-death signal), and left nothing behind.
+        wait_until(lambda: not env_kernel.cgroup_pids(), 5.0, message="the chain survived")
+    finally:
+        _close_fds(pipe_fds)
+    ref = driver.spawn(env_kernel.spec())
+    assert driver.zygote_pid not in (None, zygote)
+    driver.stop(ref)
+
+
+def test_a_zygote_killed_between_spawns_is_replaced(
+    driver: ForkingHolderDriver, env_kernel: EnvKernel
+) -> None:
+    driver.stop(driver.spawn(env_kernel.spec()))
+    zygote = driver.zygote_pid
+    assert zygote is not None
+    os.kill(zygote, signal.SIGKILL)  # our own unreaped child: certainly the zygote
+    wait_until(lambda: not kernel_view.pid_alive(zygote), 5.0, message="zygote still runs")
+    ref = driver.spawn(env_kernel.spec())
+    try:
+        assert driver.zygote_pid not in (None, zygote)
+        assert zygote not in _children()  # the dead one was reaped
+        assert driver.alive(ref)
+    finally:
+        driver.stop(ref)
+
+
+def test_close_stops_and_reaps_the_zygote(env_kernel: EnvKernel) -> None:
+    with ForkingHolderDriver() as driver:
+        assert driver.zygote_pid is None  # started lazily
+        driver.stop(driver.spawn(env_kernel.spec()))
+        zygote = driver.zygote_pid
+        assert zygote is not None
+        zygote_start = _start_time(zygote)
+        assert zygote in _children()
+        driver.close()
+        assert driver.zygote_pid is None
+        assert _gone(zygote, zygote_start)
+        assert not Path(f"/proc/{zygote}").exists() or _start_time(zygote) != zygote_start
+        driver.close()  # idempotent
+    assert driver.zygote_pid is None
+
+
+def test_the_zygote_does_not_outlive_its_controller(env_kernel: EnvKernel) -> None:
+    # A controller that spawns a holder and dies without closing anything.
+    script = (
+        "import os, sys\n"
+        "from reconciler.kernel.holder import ForkingHolderDriver\n"
+        "from reconciler.kernel.types import HolderSpec\n"
+        "driver = ForkingHolderDriver()\n"
+        f"ref = driver.spawn(HolderSpec(env='h1', netns_path={env_kernel.netns_path!r},"
+        f" hostname='x', namespaces=frozenset({sorted(ALL_NAMESPACES)!r}),"
+        f" cgroup_procs={env_kernel.procs_files!r}))\n"
+        "print(driver.zygote_pid, ref.pid, ref.start_time, flush=True)\n"
+        "os._exit(0)\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, check=True, timeout=30
+    ).stdout.split()
+    zygote, holder = int(out[0]), ProcessRef(pid=int(out[1]), start_time=int(out[2]))
+    with ForkingHolderDriver() as driver:
+        try:
+            assert driver.alive(holder), "the holder outlives its controller"
+            wait_until(
+                lambda: not kernel_view.pid_alive(zygote), 5.0, message="the zygote lives on"
+            )
+        finally:
+            driver.stop(holder)
+
+
+def test_stop_many_kills_every_holder_and_spares_impostors(
+    driver: ForkingHolderDriver, env_kernel: EnvKernel
+) -> None:
+    results = driver.spawn_many([env_kernel.spec() for _ in range(8)])
+    refs = [r for r in results if isinstance(r, ProcessRef)]
+    assert len(refs) == 8, results
+    sleeper = subprocess.Popen(["sleep", "600"], stdin=subprocess.DEVNULL)
+    try:
+        impostor = ProcessRef(pid=sleeper.pid, start_time=_start_time(sleeper.pid) + 1)
+        dead = refs[0]
+        driver.stop(dead)
+        assert driver.stop_many([*refs, impostor, dead]) == [None] * (len(refs) + 2)
+        for ref in refs:
+            assert _gone(ref.pid, ref.start_time)
+        assert env_kernel.cgroup_pids() == set()
+        assert sleeper.poll() is None
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+
+
+def test_spawn_many_of_nothing_starts_nothing(driver: ForkingHolderDriver) -> None:
+    assert driver.spawn_many([]) == []
+    assert driver.stop_many([]) == []
+    assert driver.zygote_pid is None
+
+
+def _close_fds(fds: list[int]) -> None:
+    for fd in fds:
+        os.close(fd)
