@@ -245,10 +245,11 @@ class NetlinkDriver:
             )
         return handle
 
-    def _sweep(self) -> None:
-        """Drop cached sockets whose pin vanished or now names another namespace."""
+    def _sweep(self, *, checked: set[str]) -> None:
+        """Drop cached sockets whose pin vanished or now names another namespace
+        (`checked`: names about to be verified anyway)."""
         for name, handle in list(self._netns.items()):
-            if netns.pin_identity(name) != handle.identity:
+            if name not in checked and netns.pin_identity(name) != handle.identity:
                 self._drop(name)
 
     @contextmanager
@@ -376,7 +377,7 @@ class NetlinkDriver:
 
     def _observe(self, names: Sequence[str]) -> NetworkObservation:
         host_links = self._links(self._host_sock(), "the host network namespace")
-        self._sweep()
+        self._sweep(checked=set(names))
         handles = self._handles(names)
         found = {name: self._state(name, handle) for name, handle in handles.items()}
         return NetworkObservation(host_links=host_links, netns=found)
