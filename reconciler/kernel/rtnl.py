@@ -573,7 +573,9 @@ class Socket:
             for key, value in _attrs(payload, _RTGEN.size):
                 if key == NETNSA_NSID:
                     nsid = _i32(value)
-                    return nsid if nsid is not None and nsid >= 0 else None  # -1: NETNSA_NSID_NOT_ASSIGNED
+                    return (
+                        nsid if nsid is not None and nsid >= 0 else None
+                    )  # -1: NETNSA_NSID_NOT_ASSIGNED
             return None
 
         return self._get(RTM_GETNSID, body, RTM_NEWNSID, parse)

@@ -44,6 +44,7 @@ LIMIT_FILES = (
 )
 
 Spawn = Callable[..., subprocess.Popen[str]]
+Driver = CgroupV1Driver | CgroupV2Driver  # remove_many, env_names: not in the Protocol yet
 
 
 # --------------------------------------------------------------------------- the kernel's view
@@ -105,15 +106,16 @@ def _cleanup(instance: str) -> None:
 
 
 @pytest.fixture
-def driver(sandbox: None, instance: str) -> Iterator[CgroupDriver]:
+def driver(sandbox: None, instance: str) -> Iterator[Driver]:
     """The driver for this host's layout; afterwards nothing of the instance may remain."""
     drv = open_cgroup_driver(instance=instance)
+    assert isinstance(drv, CgroupV1Driver | CgroupV2Driver)
     yield drv
-    for env in drv.observe():
-        drv.remove(env=env)
+    failed = [r for r in drv.remove_many(drv.env_names()).values() if isinstance(r, Exception)]
     drv.remove_parent()
     left = leaked_cgroups(instance)
     _cleanup(instance)  # so one failing test does not leak into the host
+    assert not failed, failed
     assert not left, f"cgroup directories left behind: {left}"
 
 
@@ -204,6 +206,76 @@ def test_second_ensure_writes_nothing(
     assert writes == []
     # kernfs stamps a file's mtime on every write: unchanged stamps mean no write happened.
     assert {f: (f.stat().st_mtime_ns, _read(f)) for f in files} == before
+
+
+def _count_calls(monkeypatch: pytest.MonkeyPatch, name: str) -> list[tuple[str, ...]]:
+    """Record every call of cgroupfs.`name` (read_file or write_file), still doing it."""
+    calls: list[tuple[str, ...]] = []
+    real = getattr(cgroupfs, name)
+
+    def counting(*args: str) -> object:
+        calls.append(args)
+        return real(*args)
+
+    monkeypatch.setattr(cgroupfs, name, counting)
+    return calls
+
+
+def test_ensure_of_a_fresh_cgroup_writes_the_set_limits_without_reading_back(
+    driver: CgroupDriver, instance: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _require_hybrid_v1()
+    reads = _count_calls(monkeypatch, "read_file")
+    writes = _count_calls(monkeypatch, "write_file")
+    limits = CgroupLimits(memory_bytes=64 * MI, cpu_millis=250, pids=50)
+
+    changes = driver.ensure(env="fresh", limits=limits)
+
+    dirs = _dirs(instance, "fresh")
+    # A directory this call made holds the kernel's defaults: nothing is read back, and
+    # only the three limits that are set are written.
+    assert reads == []
+    assert sorted(path for path, _value in writes) == sorted(
+        [
+            str(dirs["memory"] / "memory.limit_in_bytes"),
+            str(dirs["cpu"] / "cpu.cfs_quota_us"),
+            str(dirs["pids"] / "pids.max"),
+        ]
+    )
+    assert changes == [f"created {d}" for d in driver.paths(env="fresh")] + [
+        f"memory.limit_in_bytes: -1 -> {64 * MI}",
+        "cpu.cfs_quota_us: -1 -> 25000",
+        "pids.max: max -> 50",
+    ]
+    assert all(d.is_dir() for d in dirs.values()), dirs
+    assert _read(dirs["memory"] / "memory.limit_in_bytes") == str(64 * MI)
+    assert _read(dirs["cpu"] / "cpu.cfs_quota_us") == "25000"
+    assert _read(dirs["cpu"] / "cpu.cfs_period_us") == "100000"
+    assert _read(dirs["pids"] / "pids.max") == "50"
+    for name in LIMIT_FILES[4:]:
+        assert _read(dirs["blkio"] / name) == "", name
+
+
+def test_ensure_repairs_limits_changed_by_hand(driver: CgroupDriver, instance: str) -> None:
+    _require_hybrid_v1()
+    limits = CgroupLimits(memory_bytes=128 * MI, cpu_millis=500, pids=64)
+    driver.ensure(env="web", limits=limits)
+    dirs = _dirs(instance, "web")
+    (dirs["memory"] / "memory.limit_in_bytes").write_text(str(512 * MI))
+    (dirs["cpu"] / "cpu.cfs_quota_us").write_text("-1")
+    (dirs["pids"] / "pids.max").write_text("999")
+
+    changes = driver.ensure(env="web", limits=limits)
+
+    assert changes == [
+        f"memory.limit_in_bytes: {512 * MI} -> {128 * MI}",
+        "cpu.cfs_quota_us: -1 -> 50000",
+        "pids.max: 999 -> 64",
+    ]
+    assert _read(dirs["memory"] / "memory.limit_in_bytes") == str(128 * MI)
+    assert _read(dirs["cpu"] / "cpu.cfs_quota_us") == "50000"
+    assert _read(dirs["pids"] / "pids.max") == "64"
+    assert driver.ensure(env="web", limits=limits) == []
 
 
 def test_lowering_memory_updates_in_place(
@@ -325,6 +397,50 @@ def test_remove_kills_every_process_and_removes_every_directory(
 
     assert first.wait(timeout=5) == -signal.SIGKILL
     assert second.wait(timeout=5) == -signal.SIGKILL
+    assert not any(d.exists() for d in dirs.values()), dirs
+
+
+def test_remove_many_kills_every_process_and_removes_every_directory(
+    driver: Driver, instance: str, spawn: Spawn
+) -> None:
+    envs = [f"e{i}" for i in range(20)]
+    sleepers: dict[str, subprocess.Popen[str]] = {}
+    for env in envs:
+        driver.ensure(env=env, limits=CgroupLimits(pids=16))
+        sleepers[env] = spawn("sleep", "1000")
+        _join(driver.procs_files(env=env), sleepers[env].pid)
+    all_dirs = {env: list(_dirs(instance, env).values()) for env in envs}
+    for env in envs:
+        assert sleepers[env].pid in kernel_view.pids_in_cgroup_dirs(all_dirs[env])
+    driver.ensure(env="gone", limits=CgroupLimits())
+    for directory in _dirs(instance, "gone").values():
+        directory.rmdir()  # already removed by someone else
+
+    results = driver.remove_many([*envs, "gone", "never-created"], timeout=10.0)
+
+    assert results == {**dict.fromkeys(envs, True), "gone": False, "never-created": False}
+    left = [d for dirs in all_dirs.values() for d in dirs if d.exists()]
+    assert left == []
+    for env, sleeper in sleepers.items():
+        assert sleeper.wait(timeout=5) == -signal.SIGKILL, env
+        assert not kernel_view.pid_alive(sleeper.pid)
+
+
+def test_remove_many_kills_a_process_joined_to_one_v1_directory_only(
+    driver: Driver, instance: str, spawn: Spawn
+) -> None:
+    # Outside the unified tree, cgroup.kill cannot reach it: rmdir says EBUSY, and the
+    # pids listed in the v1 directory are signalled.
+    _require_hybrid_v1()
+    driver.ensure(env="web", limits=CgroupLimits())
+    dirs = _dirs(instance, "web")
+    stray = spawn("sleep", "1000")
+    _join([str(dirs["memory"] / "cgroup.procs")], stray.pid)
+    assert _read(dirs["unified"] / "cgroup.events").splitlines()[0] == "populated 0"
+
+    assert driver.remove_many(["web"]) == {"web": True}
+
+    assert stray.wait(timeout=5) == -signal.SIGKILL
     assert not any(d.exists() for d in dirs.values()), dirs
 
 

@@ -363,3 +363,17 @@ def test_module_procs_files_matches_the_driver() -> None:
     layout = layout_from_mounts(parse_mountinfo(HYBRID), root_magic=TMPFS_MAGIC)
     driver = open_cgroup_driver(instance="inst", layout=layout)
     assert procs_files(instance="inst", env="web", layout=layout) == driver.procs_files(env="web")
+
+
+def test_v2_observe_reads_usage_only_when_asked(tmp_path: Path) -> None:
+    driver = _fake_v2_tree(tmp_path)
+    env = tmp_path / "inst" / "web"
+    (env / "memory.current").write_text("4096\n")
+    (env / "pids.current").write_text("3\n")
+    (tmp_path / "inst" / "not a cgroup name").mkdir()  # listed, but never an env
+    assert driver.env_names() == ["web"]
+    full, lean = driver.observe()["web"], driver.observe(usage=False)["web"]
+    assert (full.usage.memory_bytes, full.usage.pids) == (4096, 3)
+    assert (lean.usage.memory_bytes, lean.usage.pids) == (0, 0)
+    assert full.limits == lean.limits == CgroupLimits()
+    assert full.paths == lean.paths == (str(env),)
