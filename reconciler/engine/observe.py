@@ -44,6 +44,7 @@ def observe(
     recorded: StateDocument,
     netns_names: list[str],
     boot_id: str,
+    usage: bool = True,
 ) -> Observation:
     """Observe every object that the plan needs, in one pass."""
     alive: dict[str, bool] = {}
@@ -65,7 +66,7 @@ def observe(
         }
     return Observation(
         network=network.observe(netns_names=sorted(set(netns_names))),
-        cgroups=cgroups.observe(),
+        cgroups=cgroups.observe(usage=usage),
         holders_alive=alive,
         same_boot=same_boot,
         workloads_alive=workloads,

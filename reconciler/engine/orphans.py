@@ -64,7 +64,7 @@ def _owned_links(instance: str, drivers: Drivers) -> dict[str, tuple[str, str]]:
 def owned_objects(*, instance: str, drivers: Drivers) -> list[str]:
     """Every live object provably owned by `instance`, described for a message."""
     links = _owned_links(instance, drivers)
-    cgroups = set(drivers.cgroups.observe())
+    cgroups = set(drivers.cgroups.env_names())
     envs = cgroups | {name for kind, name in links.values() if kind == "env"}
     pins = pinned_names()
     found = [f"link {name}" for name in sorted(links)]
@@ -97,7 +97,7 @@ def collect_orphans(
     env_links = {
         name: link for link, (kind, name) in links.items() if kind == "env" and name not in spared
     }
-    orphan_envs = {name for name in drivers.cgroups.observe() if name not in spared}
+    orphan_envs = {name for name in drivers.cgroups.env_names() if name not in spared}
     orphan_envs |= set(env_links)
     removed: list[Collected] = []
     pins = pinned_names()

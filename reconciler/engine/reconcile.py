@@ -57,6 +57,7 @@ def observe_for(
         recorded=state,
         netns_names=names,
         boot_id=boot_id(),
+        usage=False,  # planning compares limits; usage is for `status`
     )
     drift = drivers.firewall.differences(isolation_spec(instance=instance, state=state))
     return replace(observed, firewall_drift=tuple(drift))

@@ -226,8 +226,13 @@ class CgroupDriver(Protocol):
         """The `cgroup.procs` files a process must be written to, to join the env's cgroup."""
         ...
 
-    def observe(self) -> Mapping[str, CgroupState]:
-        """Every env cgroup under this instance's parent, by env name."""
+    def observe(self, *, usage: bool = True) -> Mapping[str, CgroupState]:
+        """Every env cgroup under this instance's parent, by env name (live usage read
+        only when `usage`: planning needs the limits alone)."""
+        ...
+
+    def env_names(self) -> list[str]:
+        """Names of the env cgroups under this instance's parent (one listing)."""
         ...
 
     def ensure(self, *, env: str, limits: CgroupLimits) -> list[str]:
@@ -332,6 +337,10 @@ class HolderDriver(Protocol):
     ) -> Sequence[Exception | None]:
         """`stop` for many holders: signal all, one wait; per ref (in order) None or
         the error that stopped it."""
+        ...
+
+    def close(self) -> None:
+        """Release what spawning keeps (the forker process); idempotent."""
         ...
 
     def find(self, spec: HolderSpec) -> ProcessRef | None:
