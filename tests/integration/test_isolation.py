@@ -22,6 +22,7 @@ from typing import Any
 import pytest
 
 from reconciler.kernel.firewall import FirewallDriver
+from reconciler.kernel.libnft import Backend
 from reconciler.kernel.naming import host_veth_name, netns_name
 from reconciler.kernel.netlink import NetlinkDriver
 from reconciler.kernel.nftrules import Allow, IsolationSpec, Member, NetworkRules, table_name
@@ -138,6 +139,7 @@ class Lab:
 
     def cleanup(self) -> None:
         self.fw.remove()
+        self.fw.close()
         for link in kv.ip_links():
             if self.instance in (link.get("ifalias") or "") or self.instance[2:] in link["ifname"]:
                 kv.run(["ip", "link", "del", link["ifname"]])
@@ -430,7 +432,9 @@ def test_quarantine_cuts_an_env_off_and_lifting_it_restores(lab: Lab) -> None:
         assert reach(None, b.address, 8080)
 
 
-def test_second_ensure_is_a_no_op(lab: Lab) -> None:
+@pytest.mark.parametrize("backend", ["library", "binary"])
+def test_second_ensure_is_a_no_op(lab: Lab, backend: Backend) -> None:
+    lab.fw = FirewallDriver(instance=lab.instance, backend=backend)
     strict_lab(lab)
     assert lab.apply()
     table = lab.fw.table
@@ -582,7 +586,7 @@ def test_ensure_timing_with_50_envs(lab: Lab) -> None:
     assert lab.fw.ensure(lab.spec())
     update = time.perf_counter() - started
     print(
-        f"\n50 envs: create {create * 1e3:.1f} ms, no-op {noop * 1e3:.1f} ms, "
+        f"\n50 envs ({lab.fw.backend}): create {create * 1e3:.1f} ms, no-op {noop * 1e3:.1f} ms, "
         f"update {update * 1e3:.1f} ms"
     )
     assert create < 2.0 and noop < 1.0 and update < 2.0
