@@ -57,6 +57,13 @@ def memory_kib(pid: int) -> dict[str, int]:
     return found
 
 
+def _p90(samples: list[float]) -> float:
+    """The 90th percentile (the sample itself when there is only one)."""
+    if len(samples) < 2:
+        return samples[0]
+    return statistics.quantiles(samples, n=10, method="inclusive")[8]
+
+
 def _ready(rec: Reconciler) -> set[str]:
     try:
         doc = json.loads(rec.state_file.read_text())
@@ -146,6 +153,8 @@ def run(
         result["ready_s"] = ready_s
         result["ready_median_s"] = statistics.median(ready_s)
         result["live_median_s"] = statistics.median(live_s)
+        result["ready_p90_s"] = _p90(ready_s)
+        result["live_p90_s"] = _p90(live_s)
 
         names = [f"e{i}" for i in range(ready_samples, idle_envs)]
         result["grow_to_idle_s"] = _grow(rec, network=network, names=names, namespaces=namespaces)

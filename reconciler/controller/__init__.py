@@ -8,6 +8,8 @@ a reconcile, never a wrong result.
 
 - `queue`: the work queue (dedup, one in flight per key, delayed requeue, backoff);
 - `debounce`: collapses a burst of file events into one batch after a quiet period;
-- `watcher`: watchdog (inotify) on the manifests directory, feeding the debouncer;
+- `watcher`: inotify on the manifests directory, feeding the debouncer;
+- `exits`: pidfds of every recorded process, so that an exit is a trigger;
+- `triggers`: the one thread that waits on all of the above and on the timers;
 - `loop`: the `Controller` that wires triggers -> queue -> reconcile -> state file.
 """

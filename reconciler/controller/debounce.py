@@ -6,14 +6,27 @@ original (create, modify..., close, move), or truncate and write in several chun
 the first event would read a half-written file - or a truncated, empty one, which
 declares nothing and so would look like "this environment was deleted".
 
-So events are only *collected*: the batch becomes ready once `delay` seconds passed since
-the LAST event (a quiet period), and a burst of any length yields one batch. `max_wait`
-caps the wait from the FIRST event, so a file that is written to continuously (a log
-someone put in the wrong directory) still flushes now and then instead of never.
+So events are only *collected*, and the batch becomes ready after a quiet period since
+the LAST event. How long that period is depends on what the events said:
+
+- **settled** events leave their file whole: a rename into place (the atomic save), a
+  close after writing, an attribute change. When every path of the batch is settled,
+  only `settle` seconds (a few tens of milliseconds) must pass: long enough to collect
+  the rest of a burst (`git checkout`, `cp -r`), short enough that an atomic save is
+  reconciled almost at once.
+- **unsettled** events may be the first half of something: a create or a modify (the
+  writer has not closed the file yet), a delete or a rename away (editors that keep a
+  backup move the original aside, then write the new file). While any path's latest
+  event was unsettled, the longer `delay` applies, as it always did.
+
+A path's latest event decides: `modify ... close` ends settled, `rename away ... create
+... close` too. `max_wait` caps the wait from the FIRST event, so a file that is written
+to continuously (a log someone put in the wrong directory) still flushes now and then
+instead of never.
 
 Pure: no threads or timers of its own. Time comes from an injectable clock, and the
 owner asks `ready()` when `deadline()` has come. A lock makes `add` safe to call from
-the watcher's thread while another thread polls.
+one thread while another polls.
 """
 
 from __future__ import annotations
@@ -29,23 +42,38 @@ class Debouncer:
     """Collects paths; `ready()` returns them once the burst is over (see module docstring)."""
 
     def __init__(
-        self, *, delay: float = 0.2, max_wait: float = 2.0, clock: Clock = time.monotonic
+        self,
+        *,
+        settle: float | None = None,
+        delay: float = 0.2,
+        max_wait: float = 2.0,
+        clock: Clock = time.monotonic,
     ) -> None:
-        if delay < 0 or max_wait < delay:
-            raise ValueError(f"need 0 <= delay <= max_wait, got {delay=} {max_wait=}")
+        """`settle` defaults to `delay` (every event waits the full quiet period)."""
+        settle = delay if settle is None else settle
+        if not 0 <= settle <= delay <= max_wait:
+            raise ValueError(
+                f"need 0 <= settle <= delay <= max_wait, got {settle=} {delay=} {max_wait=}"
+            )
+        self.settle = settle
         self.delay = delay
         self.max_wait = max_wait
         self._clock = clock
         self._lock = threading.Lock()
         self._paths: set[str] = set()
+        self._unsettled: set[str] = set()  # paths whose latest event may be a half
         self._first: float | None = None  # time of the first event of the pending batch
         self._last: float | None = None  # time of the latest event
 
-    def add(self, path: str) -> None:
-        """Record an event about `path` now."""
+    def add(self, path: str, *, settled: bool = False) -> None:
+        """Record an event about `path` now; `settled`: it left the file whole."""
         now = self._clock()
         with self._lock:
             self._paths.add(path)
+            if settled:
+                self._unsettled.discard(path)
+            else:
+                self._unsettled.add(path)
             if self._first is None:
                 self._first = now
             self._last = now
@@ -58,7 +86,8 @@ class Debouncer:
     def _deadline_locked(self) -> float | None:
         if self._first is None or self._last is None:
             return None
-        return min(self._last + self.delay, self._first + self.max_wait)
+        quiet = self.delay if self._unsettled else self.settle
+        return min(self._last + quiet, self._first + self.max_wait)
 
     def pending(self) -> bool:
         """True while events are collected but not yet handed out."""
@@ -77,5 +106,6 @@ class Debouncer:
                 return frozenset()
             batch = frozenset(self._paths)
             self._paths.clear()
+            self._unsettled.clear()
             self._first = self._last = None
             return batch

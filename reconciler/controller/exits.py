@@ -7,6 +7,11 @@ for the next resync (30 s by default) to be noticed.
 A pidfd refers to one process for its whole life (pid reuse cannot fool it); after
 opening one we re-check the recorded start time, so we never watch a stranger that got
 the recorded pid while we were down.
+
+No thread of its own: the pidfds sit in one epoll instance, and an epoll descriptor is
+itself pollable, so the controller's trigger loop waits on `fileno()` next to its other
+sources and calls `handle_ready()` when it is readable. An idle controller therefore
+never wakes up for exits that did not happen.
 """
 
 from __future__ import annotations
@@ -24,7 +29,6 @@ from reconciler.state.model import StateDocument
 from reconciler.state.procinfo import process_alive
 
 log = structlog.get_logger("reconciler.controller")
-POLL_SECONDS = 1.0  # how often the thread checks whether it should stop
 
 
 def recorded_processes(state: StateDocument) -> set[ProcessRef]:
@@ -40,7 +44,8 @@ def recorded_processes(state: StateDocument) -> set[ProcessRef]:
 
 
 class ExitWatcher:
-    """Calls `on_exit()` (from its own thread) whenever a watched process ends."""
+    """Calls `on_exit()` (from the thread that calls `handle_ready`) whenever a watched
+    process ends."""
 
     def __init__(self, on_exit: Callable[[], None]) -> None:
         self._on_exit = on_exit
@@ -51,25 +56,20 @@ class ExitWatcher:
         # on it at every reconcile would bypass the queue's failure back-off.
         self._reported: set[ProcessRef] = set()
         self._mutex = threading.Lock()
-        self._stopping = threading.Event()
-        self._thread = threading.Thread(target=self._loop, name="reconciler-exits", daemon=True)
 
-    def start(self) -> None:
-        """Begin watching (processes are added with `watch`)."""
-        self._thread.start()
+    def fileno(self) -> int:
+        """The epoll descriptor: readable when a watched process has ended."""
+        return self._epoll.fileno()
 
     def stop(self) -> None:
-        """Stop the thread and close every pidfd."""
-        self._stopping.set()
-        if self._thread.ident is not None:
-            self._thread.join(timeout=POLL_SECONDS * 2)
+        """Close every pidfd and the epoll instance."""
         with self._mutex:
             for fd in self._refs:
                 with contextlib.suppress(OSError):
                     os.close(fd)
             self._fds.clear()
             self._refs.clear()
-        self._epoll.close()
+            self._epoll.close()
 
     def watch(self, refs: Iterable[ProcessRef]) -> None:
         """Watch exactly `refs` from now on (new ones added, stale ones dropped)."""
@@ -112,21 +112,22 @@ class ExitWatcher:
             self._epoll.unregister(fd)
         os.close(fd)
 
-    def _loop(self) -> None:
-        while not self._stopping.is_set():
+    def handle_ready(self) -> int:
+        """Report the processes that ended (never blocks); returns how many did."""
+        exited = []
+        with self._mutex:
             try:
-                ready = self._epoll.poll(POLL_SECONDS)
+                ready = self._epoll.poll(0)
             except (OSError, ValueError):
-                return  # closed under us at stop
-            exited = []
-            with self._mutex:
-                for fd, _ in ready:
-                    ref = self._refs.get(fd)
-                    if ref is not None:
-                        exited.append(ref)
-                        self._forget(ref)
-                        self._reported.add(ref)
-            for ref in exited:
-                log.info("process.exited", pid=ref.pid)
-            if exited:
-                self._on_exit()
+                return 0  # closed under us at stop
+            for fd, _ in ready:
+                ref = self._refs.get(fd)
+                if ref is not None:
+                    exited.append(ref)
+                    self._forget(ref)
+                    self._reported.add(ref)
+        for ref in exited:
+            log.info("process.exited", pid=ref.pid)
+        if exited:
+            self._on_exit()
+        return len(exited)

@@ -2,16 +2,25 @@
 
 Threads, and the one thing each does:
 
-- **watchdog** (`watcher`): a relevant file event records its path in the debouncer and
-  wakes the ticker. Nothing else.
-- **ticker**: when the debouncer's quiet period is over, or the resync timer (every
-  `resync` seconds, +-10% jitter so that many controllers never beat in step) fires, it
-  enqueues a key. Nothing else.
+- **triggers** (`triggers`): one epoll over the manifests directory's inotify descriptor,
+  the pidfds of every recorded process and a wake-up eventfd, with the earliest timer
+  (debounce deadline, resync, git poll) as its only timeout. A debounced file batch, an
+  exit, a due resync becomes a key. Nothing else.
 - **worker**: takes keys off the queue and reconciles, one at a time. Only this thread
   touches the kernel drivers and the state document.
 - **main**: owns the signals. SIGTERM/SIGINT stop the queue; the worker finishes the
   reconcile in flight and the controller exits 0, leaving every environment running.
   SIGHUP asks for a resync now.
+- the health monitor's threads (`health.monitor`): probes and the policy pass.
+
+Idle means asleep: every thread blocks without a timeout (or until its next real
+deadline), so a controller with nothing to do costs the resync and the policy pass and
+nothing else.
+
+Latency: an editor's atomic save (a rename into place) or a close after writing is
+reconciled after `debounce_settle` seconds of quiet (25 ms); other events (a create, a
+modify, a delete: possibly the first half of a save) wait `debounce` (200 ms), and a
+stream of events flushes at least every `debounce_max` seconds (`debounce`).
 
 Keys. The queue is keyed (`Environment/<name>`, `Network/<name>` are the intended
 granularity), but today every key is served by one `reconcile()` of the whole instance
@@ -34,9 +43,13 @@ netns pins, holders found in the env's cgroup), then reports what it adopted.
 
 Orphans - kernel objects carrying this instance's ownership proof that the inventory does
 not list, which is what a `kill -9` between creating an object and recording it leaves -
-are collected after the first reconcile and after every resync, against the inventory
-that reconcile returned (`engine.orphans`). Never while a manifest fails to load: what a
-broken file declares is unknown, and a parse error must never delete anything.
+are collected after the first reconcile, after any reconcile that failed or crashed (the
+only other way this controller can leave one), on SIGHUP, and with a resync at most
+every `orphan_interval` seconds (5 min: a collection re-lists every link and cgroup of
+the instance, and while nothing fails there is nothing new to find), against the
+inventory that reconcile returned (`engine.orphans`). Never while a manifest fails to
+load: what a broken file declares is unknown, and a parse error must never delete
+anything.
 
 Metrics (`controller.metrics`) are kept always and served only with `--metrics-addr`.
 """
@@ -64,13 +77,14 @@ from reconciler.controller.debounce import Debouncer
 from reconciler.controller.exits import ExitWatcher, recorded_processes
 from reconciler.controller.metrics import ListenAddress, Metrics, MetricsServer
 from reconciler.controller.queue import Backoff, Clock, WorkQueue
+from reconciler.controller.triggers import Timers, Triggers
 from reconciler.controller.watcher import ManifestWatcher
 from reconciler.engine.apply import Drivers
 from reconciler.engine.desired import Desired
 from reconciler.engine.orphans import Collected, collect_orphans, owned_objects
 from reconciler.engine.reconcile import ReconcileResult, reconcile
 from reconciler.errors import ReconcilerError, StateError
-from reconciler.health.monitor import HealthMonitor
+from reconciler.health.monitor import HealthMonitor, HealthSettings
 from reconciler.kernel.logfiles import log_path, rotate_if_needed
 from reconciler.kernel.netns import pinned_names
 from reconciler.manifests.loader import LoadResult
@@ -118,12 +132,13 @@ class Settings:
     manifests: Path
     resync: float = 30.0  # seconds between full resyncs (before jitter)
     jitter: float = 0.1  # resync is spread over +-10%
-    debounce: float = 0.2  # quiet period after the last file event
+    debounce: float = 0.2  # quiet period after the last file event that may be a half
+    debounce_settle: float = 0.025  # ... when every file is whole (renamed in, closed)
     debounce_max: float = 2.0  # a continuous stream of events still flushes this often
     backoff: Backoff = field(default_factory=lambda: Backoff(base=1.0, max_delay=60.0))
     recover: bool = False
     stop_timeout: float = 120.0  # how long a stop waits for the reconcile in flight
-    idle_wake: float = 5.0  # the worker's longest wait: re-checks shutdown at least this often
+    orphan_interval: float = 300.0  # a resync collects orphans at most this often
     metrics_address: ListenAddress | None = None  # serve Prometheus metrics here
     git: GitSource | None = None  # desired state from a repository instead of --manifests
     git_interval: float = 60.0  # seconds between fetches of `git`
@@ -146,11 +161,14 @@ class Controller:
         self._rng = rng or random.Random()
         self._queue = WorkQueue(clock=clock, backoff=settings.backoff)
         self._debouncer = Debouncer(
-            delay=settings.debounce, max_wait=settings.debounce_max, clock=clock
+            settle=settings.debounce_settle,
+            delay=settings.debounce,
+            max_wait=settings.debounce_max,
+            clock=clock,
         )
-        self._watcher = ManifestWatcher(root=settings.manifests, on_change=self._on_file_event)
+        self._watcher = ManifestWatcher(root=settings.manifests)
         self._stopping = threading.Event()
-        self._poke = threading.Event()  # wakes the ticker
+        self._wakeup = threading.Event()  # wakes the main thread: a stop, or the worker ended
         self._lock: InstanceLock | None = None
         self._drivers: Drivers | None = None
         self._state = StateDocument(instance=settings.instance)
@@ -163,11 +181,27 @@ class Controller:
         self._deferred_since: float | None = None  # worker only: see _should_defer
         self._gc_due = threading.Event()  # collect orphans after the next reconcile
         self._gc_due.set()  # ... the first one: what a crash of the last run left
+        self._collected_at: float | None = None  # when orphans were last collected
         self._git_failed = False
         self._fetch_due = threading.Event()  # git mode: fetch before the next reconcile
         self._fetch_due.set()
         self._fetched: tuple[Fetched, LoadResult] | None = None  # git mode: last good commit
         self._exits = ExitWatcher(on_exit=lambda: self._queue.add(ALL))
+        self._triggers = Triggers(
+            timers=Timers(
+                resync=settings.resync,
+                jitter=settings.jitter,
+                git_interval=None if settings.git is None else settings.git_interval,
+            ),
+            debouncer=self._debouncer,
+            exits=self._exits,
+            watcher=self._watcher if settings.git is None else None,
+            enqueue=lambda: self._queue.add(ALL),
+            on_resync=self._on_resync,
+            on_fetch=self._fetch_due.set,
+            clock=clock,
+            rng=self._rng,
+        )
         self._monitor: HealthMonitor | None = None  # probes and policy, once started
         self.metrics = Metrics()
         self.metrics.track_queue(self._queue.depth)
@@ -184,11 +218,9 @@ class Controller:
         self._start()
         restore = self._install_signals()
         worker = threading.Thread(target=self._work_loop, name="reconciler-worker", daemon=True)
-        ticker = threading.Thread(target=self._tick_loop, name="reconciler-ticker", daemon=True)
         try:
             if self._settings.git is None:
                 self._watcher.start()
-            self._exits.start()
             self._monitor = HealthMonitor(
                 instance=self._settings.instance,
                 drivers=self._require_drivers(),
@@ -196,10 +228,12 @@ class Controller:
                 events=self._runtime.events,
                 request_reconcile=lambda: self._queue.add(ALL),
                 instance_dir=self._runtime.store.dir,
+                # Poked after every reconcile instead of re-reading the state every second.
+                settings=HealthSettings(tick=None),
             )
             self._monitor.start()
             worker.start()
-            ticker.start()
+            self._triggers.start()
             self._queue.add(ALL)  # converge once at startup, whatever the triggers say
             log.info(
                 "controller.started",
@@ -211,9 +245,8 @@ class Controller:
             self._wait(worker)
         finally:
             self.request_stop()
-            if ticker.ident is not None:
-                ticker.join(timeout=2.0)
-            self._watcher.stop(timeout=2.0)
+            self._triggers.stop(timeout=2.0)
+            self._watcher.stop()
             self._exits.stop()
             if self._monitor is not None:
                 self._monitor.stop()
@@ -226,17 +259,27 @@ class Controller:
         """Ask the controller to stop: no new reconcile starts; the one in flight finishes."""
         self._stopping.set()
         self._queue.shutdown()
-        self._poke.set()
+        self._triggers.wake()
+        self._wakeup.set()
+
+    def _on_resync(self) -> None:
+        """Triggers thread: a resync is due; orphans go with it every `orphan_interval`."""
+        last = self._collected_at
+        if last is None or self._clock() - last >= self._settings.orphan_interval:
+            self._gc_due.set()
 
     def _wait(self, worker: threading.Thread) -> None:
-        """Block (main thread, signals delivered) until the worker is done after a stop."""
-        while not self._stopping.is_set():
-            worker.join(timeout=1.0)
-            if not worker.is_alive() and not self._stopping.is_set():
-                raise ReconcilerError(
-                    "the controller's worker stopped unexpectedly; see the log above "
-                    "(environments are untouched; restart `reconciler run`)"
-                )
+        """Block (main thread, signals delivered) until the worker is done after a stop.
+
+        A wait without a timeout: on POSIX a signal interrupts it, its handler runs here,
+        and a stop request sets the event the wait is for.
+        """
+        self._wakeup.wait()
+        if not self._stopping.is_set():
+            raise ReconcilerError(
+                "the controller's worker stopped unexpectedly; see the log above "
+                "(environments are untouched; restart `reconciler run`)"
+            )
         worker.join(timeout=self._settings.stop_timeout)
         if worker.is_alive():
             # Never wait forever: the state file is written atomically and every driver
@@ -263,6 +306,7 @@ class Controller:
         name = signal.Signals(signum).name
         if signum == signal.SIGHUP:
             log.info("signal.received", signal=name, action="resync")
+            self._gc_due.set()
             self._queue.add(ALL)
             return
         if self._stopping.is_set():
@@ -373,57 +417,20 @@ class Controller:
             raise RuntimeError("controller used before _start()")
         return self._drivers
 
-    # ------------------------------------------------------------------ triggers
-
-    def _on_file_event(self, path: str) -> None:
-        """Watchdog thread: remember, wake the ticker. Must not block."""
-        self._debouncer.add(path)
-        self._poke.set()
-
-    def _next_resync(self) -> float:
-        spread = self._settings.jitter
-        return self._clock() + self._settings.resync * self._rng.uniform(1 - spread, 1 + spread)
-
-    def _tick_loop(self) -> None:
-        """Ticker thread: debounced file batches and the resync timer become keys."""
-        next_resync = self._next_resync()
-        next_fetch = self._clock() + self._settings.git_interval
-        while not self._stopping.is_set():
-            self._poke.clear()
-            if self._settings.git is not None and self._clock() >= next_fetch:
-                log.debug("git.poll_due")
-                self._fetch_due.set()
-                self._queue.add(ALL)
-                next_fetch = self._clock() + self._settings.git_interval
-            batch = self._debouncer.ready()
-            if batch:
-                self._watcher.ensure_watching()
-                log.info("files.changed", count=len(batch), paths=sorted(batch)[:10])
-                self._queue.add(ALL)
-            if self._clock() >= next_resync:
-                self._watcher.ensure_watching()
-                log.debug("resync.due")
-                self._gc_due.set()
-                self._queue.add(ALL)
-                next_resync = self._next_resync()
-            wake = next_resync
-            if self._settings.git is not None:
-                wake = min(wake, next_fetch)
-            pending = self._debouncer.deadline()
-            if pending is not None:
-                wake = min(wake, pending)
-            self._poke.wait(timeout=max(wake - self._clock(), 0.0))
-
     # ------------------------------------------------------------------ worker
 
     def _work_loop(self) -> None:
         """Worker thread: one reconcile at a time until the queue shuts down."""
+        try:
+            self._serve_queue()
+        finally:
+            self._wakeup.set()  # the main thread tells a stop from a crash
+
+    def _serve_queue(self) -> None:
         while True:
-            key = self._queue.get(timeout=self._settings.idle_wake)
+            key = self._queue.get(timeout=None)  # asleep until a key or the shutdown
             if key is None:
-                if self._queue.shutting_down:
-                    return
-                continue
+                return
             if self._should_defer(key):
                 log.debug("reconcile.deferred", reason="file events still settling")
                 self._queue.done(key)
@@ -448,7 +455,7 @@ class Controller:
         after `debounce_max`, so that a directory written to without pause (a log file
         named *.yaml) still gets reconciled every few seconds instead of never.
         """
-        if key != ALL or not self._debouncer.pending():
+        if key != ALL or not self._triggers.files_pending():
             self._deferred_since = None
             return False
         now = self._clock()
@@ -467,6 +474,8 @@ class Controller:
         with structlog.contextvars.bound_contextvars(reconcile_id=reconcile_id, key=key):
             try:
                 ok = self._reconcile_once()
+                if self._monitor is not None:
+                    self._monitor.poke()  # a new state document: re-plan the probes now
             except ReconcilerError as exc:
                 ok = False
                 self._report_failure(exc.message)
@@ -476,6 +485,8 @@ class Controller:
                 ok = False
                 log.error("reconcile.crashed", error=repr(exc), traceback=traceback.format_exc())
                 self._report_failure(f"internal error: {exc!r} (see the controller's log)")
+            if not ok:
+                self._gc_due.set()  # what it made before failing may be unrecorded
             elapsed = time.monotonic() - started
             self.metrics.observe_reconcile(seconds=elapsed, ok=ok)
             seconds = round(elapsed, 3)
@@ -610,6 +621,7 @@ class Controller:
             log.debug("orphans.deferred", reason="a manifest failed to load")
             return  # still due: collected after the first reconcile with clean manifests
         self._gc_due.clear()
+        self._collected_at = self._clock()
         errors: list[Collected] = []
         removed = collect_orphans(
             instance=self._settings.instance,

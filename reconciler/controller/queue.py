@@ -16,14 +16,15 @@ Semantics (those of client-go's workqueue, which controller-runtime builds on):
   failing is retried ever more slowly instead of spinning, and other keys are unaffected.
 
 Time comes from an injectable clock (monotonic seconds), so tests drive a fake one and
-call `get(timeout=0)`; nothing in the queue ever sleeps for a fixed time. Every blocking
-`get` has a deadline: a waiter wakes when a key is added, a delay expires, the queue
-shuts down, or its timeout passes.
+call `get(timeout=0)`; nothing in the queue ever sleeps for a fixed time. A waiter wakes
+when a key is added, a delay expires, the queue shuts down, or its timeout passes; a
+worker that waits with `timeout=None` costs nothing while idle (no periodic wake-up:
+`shutdown` is what ends its wait).
 
 Usage, per worker:
 
-    key = queue.get(timeout=5.0)
-    if key is None: ...            # timed out, or shut down (`queue.shutting_down`)
+    key = queue.get(timeout=None)
+    if key is None: ...            # shut down (or, with a timeout, timed out)
     try:
         ok = reconcile(key)
     finally:
@@ -113,13 +114,14 @@ class WorkQueue:
 
     # -- taking ----------------------------------------------------------------------
 
-    def get(self, *, timeout: float) -> str | None:
-        """The next due key, waiting at most `timeout` seconds; None on timeout or shutdown.
+    def get(self, *, timeout: float | None) -> str | None:
+        """The next due key, waiting at most `timeout` seconds (None: until there is one);
+        None on timeout or shutdown.
 
         The key is in flight until `done(key)`.
         """
         with self._cond:
-            deadline = self._clock() + max(timeout, 0.0)
+            deadline = None if timeout is None else self._clock() + max(timeout, 0.0)
             while True:
                 if self._shutting_down:
                     return None
@@ -130,12 +132,13 @@ class WorkQueue:
                     self._dirty.discard(key)
                     self._in_flight.add(key)
                     return key
+                if deadline is not None and now >= deadline:
+                    return None
                 wake = deadline
                 if self._delayed:
-                    wake = min(wake, self._delayed[0][0])
-                if now >= deadline:
-                    return None
-                self._cond.wait(max(wake - now, 0.0))
+                    due = self._delayed[0][0]
+                    wake = due if wake is None else min(wake, due)
+                self._cond.wait(None if wake is None else max(wake - now, 0.0))
 
     def _promote_due(self, now: float) -> None:
         """Move delayed keys whose time has come into the ready queue."""

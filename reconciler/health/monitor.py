@@ -2,15 +2,21 @@
 
 Threads (daemons; `stop()` ends them):
 
-- **dispatcher** (`reconciler-health`): re-reads the state snapshot at least once a second,
-  keeps the `Scheduler` in line with the probes the environments declare, and hands due
-  probes to the pool. Nothing else, so it never blocks.
+- **dispatcher** (`reconciler-health`): keeps the `Scheduler` in line with the probes the
+  environments declare, and hands due probes to the pool. It sleeps until the next probe
+  is due or it is `poke()`d (the controller pokes it after every reconcile: a new state
+  document); with `tick` set it also re-reads the state at least that often (for owners
+  that do not poke). Nothing else, so it never blocks.
 - **pool** (`workers` threads): runs probes, each bounded by its own timeout (exec probes
   are killed at it), and the default restarts. A probe still running when its next period
   comes is not started again (the slot is skipped and counted as an overrun).
 - **policy** (`reconciler-policy`): every `policy_period` seconds (default 5, the default
   probe period, so a violation is noticed within two periods) one pass: release
   requests, quarantine lifting, cgroup counters, escapes, denied connections, actions.
+  A pass costs little when nothing happens: three small file reads per environment, a
+  listing of /proc, and the firewall's counters; /proc entries and cgroup memberships
+  already judged are not re-read until the full rescan (`escape_rescan`; the detection
+  bound is in `violations`).
 
 The monitor never writes the state file: the controller's worker is its only writer. The
 monitor keeps probe states, violation history and quarantines in memory (seeded from the
@@ -80,6 +86,7 @@ from reconciler.health.violations import (
     CounterFiles,
     CounterTracker,
     NetnsMember,
+    NetnsScanner,
     NsId,
     ThrottleState,
     Violation,
@@ -91,7 +98,7 @@ from reconciler.health.violations import (
     identify,
     outside_cgroup,
     read_counters,
-    scan_netns,
+    read_pids,
     still_in_netns,
     throttle_step,
     uptime,
@@ -313,8 +320,10 @@ class HealthSettings:
     throttle_ratio: float = 0.5  # cpu-throttled above this share of throttled periods
     throttle_min_periods: int = 20  # ... measured over at least this many CFS periods
     escape_min_age: float = 1.0  # seconds a process must have run before it is judged
+    escape_rescan: float = 60.0  # every process and membership re-read at least this often
     history: int = VIOLATION_HISTORY  # violations kept per environment
-    tick: float = 1.0  # the dispatcher re-reads the state at least this often
+    tick: float | None = 1.0  # the dispatcher re-reads the state at least this often
+    # (None: only when poked or a probe is due - for owners that poke after each change)
 
 
 @dataclass(frozen=True)
@@ -410,6 +419,10 @@ class HealthMonitor:
         self._denied: CounterTracker[tuple[str, str]] = CounterTracker()
         self._escapes_seen: set[tuple[int, int]] = set()  # (pid, start time) reported
         self._escape_ns: dict[tuple[int, int], NsId] = {}  # escaped (pid, start) -> its netns
+        self._scanner = NetnsScanner()
+        self._members: dict[int, tuple[int, str]] = {}  # pid -> (/proc entry, env): judged in
+        self._next_rescan: float | None = None  # None: the next escape pass is a full one
+        self._pins: tuple[StateDocument, dict[NsId, str]] | None = None  # per state document
         self._paths: dict[str, tuple[str, ...]] = {}  # env -> cgroup directories
         self._planned: StateDocument | None = None  # the state the dispatch plan is for
         self._plan: dict[ProbeKey, tuple[Probe, ProbeTarget]] = {}
@@ -573,15 +586,22 @@ class HealthMonitor:
 
     def _dispatch_loop(self) -> None:
         while not self._stopping.is_set():
+            self._wake.clear()  # before looking: a poke from now on is not lost
             try:
                 self._dispatch_due()
             except Exception as exc:  # a bug must not end health checking
                 log.error("health.dispatch_failed", error=repr(exc))
-            with self._lock:
-                due = self._scheduler.next_due()
-            wait = self.settings.tick if due is None else due - self._clock()
-            self._wake.wait(timeout=min(max(wait, 0.0), self.settings.tick))
-            self._wake.clear()
+            self._wake.wait(timeout=self._dispatch_wait())
+
+    def _dispatch_wait(self) -> float | None:
+        """Seconds until the next probe is due, at most `tick`; None: until poked."""
+        with self._lock:
+            due = self._scheduler.next_due()
+        wait = None if due is None else max(due - self._clock(), 0.0)
+        tick = self.settings.tick
+        if tick is None:
+            return wait
+        return tick if wait is None else min(wait, tick)
 
     def _dispatch_due(self) -> None:
         state = self._state()
@@ -728,10 +748,11 @@ class HealthMonitor:
             return self._policy_pass()
 
     def _policy_pass(self) -> list[ViolationRecord]:
-        views = self._sync(self._state())
+        state = self._state()
+        views = self._sync(state)
         released = self._take_release_requests()
         found = self._cgroup_violations(views)
-        found += self._escape_violations(views)
+        found += self._escape_violations(state, views)
         found += self._denied_violations(views)
         recorded = [self._handle(v, views[v.env]) for v in found if v.env in views]
         if recorded or released:
@@ -809,7 +830,68 @@ class HealthMonitor:
             return f" ({view.spec.resources.pids})"
         return ""
 
-    def _escape_violations(self, views: Mapping[str, _View]) -> list[Violation]:
+    def _escape_violations(
+        self, state: StateDocument, views: Mapping[str, _View]
+    ) -> list[Violation]:
+        now = self._clock()
+        full = self._next_rescan is None or now >= self._next_rescan
+        pins = self._netns_pins(state, views, refresh=full)
+        if not pins:
+            self._next_rescan = None  # nothing to judge: the next pass with pins is full
+            self._members.clear()
+            return []
+        if full:
+            self._next_rescan = now + self.settings.escape_rescan
+        seen = self._scanner.scan(now=now, full=full, skip=frozenset({os.getpid()}))
+        inside = {pid: pins[s.netns] for pid, s in seen.items() if s.netns in pins}
+        # Members judged inside their env's cgroup before (same /proc entry, same env) are
+        # not judged again until the full rescan.
+        judged = {} if full else self._members
+        fresh = {
+            pid: env for pid, env in inside.items() if judged.get(pid) != (seen[pid].entry, env)
+        }
+        by_env: dict[str, set[int]] = {}
+        for pid, env in fresh.items():
+            by_env.setdefault(env, set()).add(pid)
+        hierarchies = {env: self._membership(env, pids) for env, pids in by_env.items()}
+        outside = outside_cgroup(fresh, hierarchies)
+        self._members = {
+            pid: (seen[pid].entry, env)
+            for pid, env in inside.items()
+            # An env without cgroup directories gave no verdict: judge again next pass.
+            if pid not in outside and (pid not in fresh or hierarchies.get(env))
+        }
+        ns_of = {name: ns for ns, name in pins.items()}
+        escapes: list[NetnsMember] = []
+        uptime_now = uptime() if outside else 0.0
+        # Rare from here on: only processes that looked outside their env's cgroup.
+        for pid, env in sorted(outside.items()):
+            member = identify(
+                pid, env, ns=ns_of[env], min_age=self.settings.escape_min_age, now=uptime_now
+            )
+            if member is None:
+                continue
+            # The listing judged whoever had this pid then; judge again, and make sure
+            # the identity did not change across it (a recycled pid is not an escape).
+            again = outside_cgroup({pid: env}, {env: self._membership(env, {pid})})
+            if again and still_in_netns(member.ref, ns_of[env]):
+                escapes.append(member)
+        current = {(m.pid, m.start_time) for m in escapes}
+        new = [m for m in escapes if (m.pid, m.start_time) not in self._escapes_seen]
+        self._escapes_seen = current  # forget the gone; alert-only escapes stay reported once
+        self._escape_ns = {(m.pid, m.start_time): ns_of[m.env] for m in escapes}
+        return [
+            Violation(env=m.env, type="escape", detail=describe_escape(m), offender=m.ref)
+            for m in new
+        ]
+
+    def _netns_pins(
+        self, state: StateDocument, views: Mapping[str, _View], *, refresh: bool
+    ) -> dict[NsId, str]:
+        """(dev, inode) of each env's pinned netns -> env; stat'ed once per state document
+        (and at each full rescan): pins change with reconciles, which make new documents."""
+        if not refresh and self._pins is not None and self._pins[0] is state:
+            return self._pins[1]
         pins: dict[NsId, str] = {}
         for name, view in views.items():
             target = target_for(name, view.record, cgroup_procs=())
@@ -822,44 +904,16 @@ class HealthMonitor:
             if view.record.netns_inode not in (None, st.st_ino):
                 continue  # a pin we did not make: not ours to judge
             pins[(st.st_dev, st.st_ino)] = name
-        inside = scan_netns(pins, skip=frozenset({os.getpid()}))
-        by_env: dict[str, set[int]] = {}
-        for pid, env in inside.items():
-            by_env.setdefault(env, set()).add(pid)
-        hierarchies = {env: self._membership(env, pids) for env, pids in by_env.items()}
-        ns_of = {name: ns for ns, name in pins.items()}
-        escapes: list[NetnsMember] = []
-        now = uptime() if inside else 0.0
-        # Rare from here on: only processes that looked outside their env's cgroup.
-        for pid, env in sorted(outside_cgroup(inside, hierarchies).items()):
-            member = identify(
-                pid, env, ns=ns_of[env], min_age=self.settings.escape_min_age, now=now
-            )
-            if member is None:
-                continue
-            # The listing judged whoever had this pid then; judge again, and make sure
-            # the identity did not change across it (a recycled pid is not an escape).
-            again = outside_cgroup({pid: env}, {env: self._membership(env, {pid})})
-            if again and still_in_netns(member.ref, ns_of[env]):
-                escapes.append(member)
-        current = {(m.pid, m.start_time) for m in escapes}
-        fresh = [m for m in escapes if (m.pid, m.start_time) not in self._escapes_seen]
-        self._escapes_seen = current  # forget the gone; alert-only escapes stay reported once
-        self._escape_ns = {(m.pid, m.start_time): ns_of[m.env] for m in escapes}
-        return [
-            Violation(env=m.env, type="escape", detail=describe_escape(m), offender=m.ref)
-            for m in fresh
-        ]
+        self._pins = (state, pins)
+        return pins
 
     def _membership(self, env: str, wanted: set[int]) -> list[frozenset[int]]:
         """One pid set per cgroup directory of `env`: its top-level listing when that has
         every pid we ask about, else the whole subtree (a workload's own sub-cgroups)."""
         sets: list[frozenset[int]] = []
         for directory in self._cgroup_paths(env):
-            try:
-                with open(os.path.join(directory, "cgroup.procs"), encoding="ascii") as handle:
-                    top = frozenset(int(p) for p in handle.read().split() if p.isdigit())
-            except OSError:
+            top = read_pids(os.path.join(directory, "cgroup.procs"))
+            if top is None:
                 continue  # this hierarchy has no directory for the env: nothing to judge by
             sets.append(top if wanted <= top else cgroup_pids(directory))
         return sets

@@ -20,21 +20,35 @@ report again what happened before it started; a counter first seen later (a new 
 new (source, destination) pair) counts from zero; a counter that went *down* was reset
 (the cgroup or table was recreated) and counts from zero again.
 
-Escapes are found by scanning /proc once per pass: one `stat` of `/proc/PID/ns/net` per
-process is the whole cost for every process that is not in one of our namespaces (the
-prefilter: (st_dev, st_ino) looked up in the set of our pins; nsfs gives each namespace
-one inode, and comparing the device too makes an inode number from another filesystem
-never match). Only the few processes inside an env's namespace cost more: their start
-time (identity: pids are reused) and the env's `cgroup.procs` listings. A process younger
-than `min_age` is left for the next pass: the holder's first fork joins the netns a few
-microseconds before the cgroup, and must never look like an escape.
+Escapes are found from a listing of /proc once per pass (`NetnsScanner`). A process's
+network namespace is `stat("/proc/PID/ns/net")`: (st_dev, st_ino), looked up in the set
+of our pins (nsfs gives each namespace one inode, and comparing the device too makes an
+inode number from another filesystem never match). That stat is only made for processes
+the scanner has not known for long: each listing entry carries the inode of its
+/proc/PID directory (`d_ino`, free with the listing), which procfs makes anew for every
+process, so a recycled pid is a new entry; a new entry is stat'ed on every pass until it
+was stat'ed at an age of at least `young` seconds (2 s; so at least on two passes), and
+keeps that namespace afterwards. Processes inside an env's namespace are then judged
+against the env's cgroup listings, and one found inside the cgroup is not judged again
+(the monitor's member cache). What the caches could hide - a process that enters an
+env's namespace by setns(2) later than that in its life, or a judged member moved out
+of the env's cgroup by hand - is found by the full rescan every `escape_rescan` seconds
+(default 60): the detection bound for those two cases. A new process (`ip netns exec`,
+`nsenter`, a fork inside) is judged within one pass or two, as before (a process
+younger than `min_age` always waited for the next pass).
+
+A process younger than `min_age` is left for the next pass: the holder's first fork
+joins the netns a few microseconds before the cgroup, and must never look like an escape.
+
+Counter files are read with one open/read/close each (no buffered text layer: a pass
+reads three files per environment).
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Hashable, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, replace
 from typing import Generic, Literal, TypeVar
 
 from reconciler.kernel.types import ProcessRef
@@ -170,10 +184,26 @@ def parse_keyed(text: str | None) -> dict[str, int]:
 
 def _read(path: str) -> str | None:
     try:
-        with open(path, encoding="ascii") as handle:
-            return handle.read()
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     except OSError:
-        return None  # gone (ENOENT, ENODEV: removed while open): nothing to count
+        return None  # gone: nothing to count
+    try:
+        chunks = []
+        while chunk := os.read(fd, 65536):
+            chunks.append(chunk)
+        return b"".join(chunks).decode("ascii", errors="replace")
+    except OSError:
+        return None  # ENODEV: removed while open
+    finally:
+        os.close(fd)
+
+
+def read_pids(path: str) -> frozenset[int] | None:
+    """The pids a `cgroup.procs` file lists (None: there is no such file)."""
+    text = _read(path)
+    if text is None:
+        return None
+    return frozenset(int(p) for p in text.split() if p.isdigit())
 
 
 @dataclass(frozen=True)
@@ -295,27 +325,71 @@ def _comm(pid: int) -> str:
         return "?"
 
 
-def _namespaces(skip: frozenset[int]) -> Iterator[tuple[int, NsId]]:
-    with os.scandir("/proc") as entries:
-        for entry in entries:
-            if not entry.name.isdigit():
-                continue
-            pid = int(entry.name)
-            if pid in skip:
-                continue
-            try:
-                st = os.stat(f"/proc/{pid}/ns/net")
-            except OSError:
-                continue  # exited, or a kernel thread we may not look at
-            yield pid, (st.st_dev, st.st_ino)
+def _netns_of(pid: int) -> NsId | None:
+    try:
+        st = os.stat(f"/proc/{pid}/ns/net")
+    except OSError:
+        return None  # exited, or a kernel thread we may not look at
+    return (st.st_dev, st.st_ino)
 
 
-def scan_netns(pins: Mapping[NsId, str], *, skip: frozenset[int] = frozenset()) -> dict[int, str]:
-    """pid → env for every process (thread-group leader) inside one of `pins`.
+@dataclass(frozen=True)
+class _Known:
+    entry: int  # d_ino of /proc/PID: a new one for every process that gets the pid
+    netns: NsId | None
+    since: float  # when this entry was first listed (the scanner's clock)
+    settled: bool = False  # stat'ed when it was at least `young` seconds old
 
-    One `stat` per process, and nothing more for those in no namespace of ours.
+
+@dataclass(frozen=True)
+class Seen:
+    """One process as the scanner saw it: its /proc entry and network namespace."""
+
+    entry: int
+    netns: NsId
+
+
+class NetnsScanner:
+    """Which process is in which network namespace, re-stating only what may have changed.
+
+    See the module docstring. An entry keeps its namespace from an earlier stat once it
+    was stat'ed at an age of at least `young` seconds: processes enter a namespace right
+    after they are forked (`ip netns exec`, `nsenter`, `unshare`), so a new entry is
+    looked at again on every scan until then - at least twice, however far apart the
+    scans are. `full=True` stats everything.
     """
-    return match_netns(_namespaces(skip), pins) if pins else {}
+
+    def __init__(self, *, young: float = 2.0) -> None:
+        self.young = young
+        self._known: dict[int, _Known] = {}
+
+    def scan(
+        self, *, now: float, full: bool, skip: frozenset[int] = frozenset()
+    ) -> dict[int, Seen]:
+        """pid → (entry, netns) of every process (thread-group leader) listed now."""
+        known: dict[int, _Known] = {}
+        seen: dict[int, Seen] = {}
+        with os.scandir("/proc") as entries:
+            for entry in entries:
+                if not entry.name.isdigit():
+                    continue
+                pid = int(entry.name)
+                if pid in skip:
+                    continue
+                inode = entry.inode()
+                before = self._known.get(pid)
+                if before is None or before.entry != inode:
+                    before = _Known(entry=inode, netns=None, since=now)
+                if full or not before.settled:
+                    settled = now - before.since >= self.young
+                    current = replace(before, netns=_netns_of(pid), settled=settled)
+                else:
+                    current = before
+                known[pid] = current
+                if current.netns is not None:
+                    seen[pid] = Seen(entry=inode, netns=current.netns)
+        self._known = known
+        return seen
 
 
 def identify(pid: int, env: str, *, ns: NsId, min_age: float, now: float) -> NetnsMember | None:
@@ -334,9 +408,7 @@ def cgroup_pids(directory: str) -> frozenset[int]:
     """Every pid in a cgroup directory and its sub-cgroups (empty if it is gone)."""
     pids: set[int] = set()
     for path, _dirs, _files in os.walk(directory):
-        text = _read(os.path.join(path, "cgroup.procs"))
-        if text:
-            pids.update(int(line) for line in text.split() if line.isdigit())
+        pids |= read_pids(os.path.join(path, "cgroup.procs")) or frozenset()
     return frozenset(pids)
 
 

@@ -12,6 +12,7 @@ Waits poll with deadlines (`wait_until`); nothing sleeps to synchronise.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -731,6 +732,33 @@ def test_conditions_of_a_healthy_environment_and_no_write_when_idle(
     wait_until(lambda: time.monotonic() >= later, 5.0, interval=0.1)
     assert controller.state()["serial"] == serial
     assert controller.conditions() == conditions
+
+
+def _voluntary_switches(pid: int) -> int:
+    """Times the threads of `pid` blocked so far (each wake-up of an idle thread is one)."""
+    total = 0
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        with contextlib.suppress(FileNotFoundError):  # a thread that just ended
+            for line in Path(f"/proc/{pid}/task/{tid}/status").read_text().splitlines():
+                if line.startswith("voluntary_ctxt_switches:"):
+                    total += int(line.split()[1])
+    return total
+
+
+def test_an_idle_controller_sleeps(controller: Controller) -> None:
+    """No thread polls: with no resync due and nothing happening, the only wake-ups are
+    the policy passes (every 5 s). A loop with a one-second timeout in any of the
+    controller's threads would show up here as several wake-ups per second."""
+    controller.write_network()
+    controller.write_env()
+    proc = controller.start("--resync", "3600")
+    wait_live(controller, READY_DEADLINE)
+    before = _voluntary_switches(proc.pid)
+    window = 6.0
+    later = time.monotonic() + window
+    wait_until(lambda: time.monotonic() >= later, window + 1, interval=0.1)
+    woke = _voluntary_switches(proc.pid) - before
+    assert woke <= 10, f"{woke} wake-ups in {window:g} s of idling: something polls"
 
 
 def _free_port() -> int:

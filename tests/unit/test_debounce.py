@@ -1,4 +1,4 @@
-"""The debouncer (quiet period, burst collapse, max wait) and the watcher's event filter.
+"""The debouncer (quiet periods, burst collapse, max wait) and the watcher's event filter.
 
 Time is a fake clock: nothing here sleeps. Durations are binary fractions (0.25, 0.125)
 so that the clock arithmetic is exact.
@@ -102,6 +102,102 @@ def test_invalid_settings_are_refused(clock: FakeClock) -> None:
         Debouncer(delay=1.0, max_wait=0.5, clock=clock)
     with pytest.raises(ValueError):
         Debouncer(delay=-1.0, max_wait=1.0, clock=clock)
+    with pytest.raises(ValueError):
+        Debouncer(settle=0.5, delay=0.25, max_wait=1.0, clock=clock)
+    with pytest.raises(ValueError):
+        Debouncer(settle=-0.125, delay=0.25, max_wait=1.0, clock=clock)
+
+
+# --------------------------------------------------------------------------- settled events
+#
+# The contract changed deliberately here: an event that leaves its file whole (a rename
+# into place, a close after writing) only needs the short `settle` quiet period; the
+# long `delay` still applies while any path's latest event may be the first half of a
+# save. Unmarked events (`add(path)`) keep the old behaviour, tested above.
+
+
+@pytest.fixture
+def fast(clock: FakeClock) -> Debouncer:
+    return Debouncer(settle=0.03125, delay=0.25, max_wait=2.0, clock=clock)
+
+
+def test_settle_defaults_to_delay(clock: FakeClock) -> None:
+    debouncer = Debouncer(delay=0.25, max_wait=2.0, clock=clock)
+    debouncer.add("/m/web.yaml", settled=True)
+    assert debouncer.deadline() == clock.now + 0.25
+
+
+def test_an_atomic_save_is_ready_after_the_short_quiet_period(
+    fast: Debouncer, clock: FakeClock
+) -> None:
+    fast.add("/m/web.yaml", settled=True)  # renamed into place
+    assert fast.deadline() == clock.now + 0.03125
+    clock.advance(0.015625)
+    assert fast.ready() == frozenset()
+    clock.advance(0.015625)
+    assert fast.ready() == {"/m/web.yaml"}
+
+
+def test_a_burst_of_settled_events_is_still_one_batch(fast: Debouncer, clock: FakeClock) -> None:
+    """`git checkout`, `cp -r`: many files, each closed after writing, microseconds apart."""
+    for name in ("a", "b", "c"):
+        fast.add(f"/m/{name}.yaml", settled=True)
+        clock.advance(0.015625)
+        assert fast.ready() == frozenset()
+    clock.advance(0.015625)
+    assert fast.ready() == {"/m/a.yaml", "/m/b.yaml", "/m/c.yaml"}
+
+
+def test_an_unsettled_path_keeps_the_long_quiet_period(fast: Debouncer, clock: FakeClock) -> None:
+    """A file still being written (modified, not closed) holds the whole batch back."""
+    fast.add("/m/a.yaml")  # modified, still open
+    fast.add("/m/b.yaml", settled=True)
+    assert fast.deadline() == clock.now + 0.25
+    clock.advance(0.125)
+    assert fast.ready() == frozenset(), "a half-written a.yaml must not be read"
+    clock.advance(0.125)
+    assert fast.ready() == {"/m/a.yaml", "/m/b.yaml"}
+
+
+def test_the_latest_event_of_a_path_decides(fast: Debouncer, clock: FakeClock) -> None:
+    """Truncate and write (modify, modify, close): whole once closed."""
+    fast.add("/m/web.yaml")
+    fast.add("/m/web.yaml")
+    assert fast.deadline() == clock.now + 0.25
+    fast.add("/m/web.yaml", settled=True)
+    assert fast.deadline() == clock.now + 0.03125
+    clock.advance(0.03125)
+    assert fast.ready() == {"/m/web.yaml"}
+
+
+def test_a_delete_waits_for_the_long_quiet_period(fast: Debouncer, clock: FakeClock) -> None:
+    """An editor that keeps a backup moves the original away, then writes the new file:
+    reading in between would see the environment as deleted."""
+    fast.add("/m/web.yaml")  # moved away (or deleted)
+    clock.advance(0.125)
+    assert fast.ready() == frozenset()
+    fast.add("/m/web.yaml")  # created again
+    fast.add("/m/web.yaml", settled=True)  # closed after writing
+    clock.advance(0.03125)
+    assert fast.ready() == {"/m/web.yaml"}
+
+
+def test_settled_events_do_not_extend_past_max_wait(fast: Debouncer, clock: FakeClock) -> None:
+    start = clock.now
+    while clock.now - start < 2.0:
+        fast.add("/m/busy.yaml", settled=True)
+        clock.advance(0.015625)
+        if fast.ready():
+            break
+    assert clock.now - start == 2.0
+
+
+def test_a_flush_forgets_what_was_unsettled(fast: Debouncer, clock: FakeClock) -> None:
+    fast.add("/m/a.yaml")
+    clock.advance(0.25)
+    assert fast.ready() == {"/m/a.yaml"}
+    fast.add("/m/b.yaml", settled=True)
+    assert fast.deadline() == clock.now + 0.03125
 
 
 # --------------------------------------------------------------------------- event filter

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import http.server
 import itertools
+import os
 import random
 import socket
+import subprocess
 import threading
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
@@ -20,6 +22,7 @@ from typing import Any
 
 import pytest
 
+from reconciler.health import violations
 from reconciler.health.actions import (
     RestartRequest,
     decide,
@@ -55,6 +58,7 @@ from reconciler.health.probes import (
 from reconciler.health.violations import (
     CounterTracker,
     NetnsMember,
+    NetnsScanner,
     ThrottleState,
     counter_delta,
     denied_by_env,
@@ -66,6 +70,7 @@ from reconciler.health.violations import (
     outside_cgroup,
     parse_keyed,
     read_counters,
+    read_pids,
     throttle_ratio,
     throttle_step,
 )
@@ -305,6 +310,78 @@ def test_netns_match_needs_device_and_inode() -> None:
         (12, (4, 4026531840)),  # the host's namespace
     ]
     assert match_netns(namespaces, pins) == {10: "web"}
+
+
+@pytest.fixture
+def stats(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The pids whose /proc/PID/ns/net the scanner stats, in order."""
+    calls: list[int] = []
+    real = violations._netns_of
+
+    def counting(pid: int) -> violations.NsId | None:
+        calls.append(pid)
+        return real(pid)
+
+    monkeypatch.setattr(violations, "_netns_of", counting)
+    return calls
+
+
+def test_the_scanner_stats_only_processes_it_has_not_known_for_long(stats: list[int]) -> None:
+    scanner = NetnsScanner(young=2.0)
+    me = os.getpid()
+    first = scanner.scan(now=100.0, full=False)
+    assert me in first and me in stats, "a new entry is stat'ed"
+    assert first[me].netns == violations._netns_of(me)
+    stats.clear()
+    scanner.scan(now=101.0, full=False)
+    assert me in stats, "still young: stat'ed again (it may be about to enter a namespace)"
+    stats.clear()
+    scanner.scan(now=103.0, full=False)
+    assert me in stats, "stat'ed once more, now that it is old enough to have settled"
+    stats.clear()
+    again = scanner.scan(now=104.0, full=False)
+    assert me not in stats, "known for long: its namespace is remembered"
+    assert again[me] == first[me]
+    child = subprocess.Popen(["sleep", "30"])
+    try:
+        stats.clear()
+        seen = scanner.scan(now=104.5, full=False)
+        assert child.pid in seen and child.pid in stats, "a new process is stat'ed at once"
+        assert me not in stats
+    finally:
+        child.kill()  # our own child, by its Popen handle
+        child.wait(timeout=5)
+    stats.clear()
+    scanner.scan(now=105.0, full=True)
+    assert me in stats, "a full scan stats everything"
+    assert child.pid not in scanner.scan(now=105.5, full=False), "gone: forgotten"
+
+
+def test_a_new_process_is_stated_on_two_scans_however_far_apart(stats: list[int]) -> None:
+    """A process listed just before it entered a namespace (fork, then setns) is looked
+    at again on the next pass, 5 s later: it is not trusted after one look."""
+    scanner = NetnsScanner(young=2.0)
+    me = os.getpid()
+    scanner.scan(now=0.0, full=False)
+    stats.clear()
+    scanner.scan(now=5.0, full=False)
+    assert me in stats
+    stats.clear()
+    scanner.scan(now=10.0, full=False)
+    assert me not in stats
+
+
+def test_the_scanner_skips_what_it_is_told_to(stats: list[int]) -> None:
+    me = os.getpid()
+    assert me not in NetnsScanner().scan(now=0.0, full=True, skip=frozenset({me}))
+    assert me not in stats
+
+
+def test_read_pids_lists_a_procs_file(tmp_path: Path) -> None:
+    procs = tmp_path / "cgroup.procs"
+    procs.write_text("12\n345\n")
+    assert read_pids(str(procs)) == frozenset({12, 345})
+    assert read_pids(str(tmp_path / "missing")) is None
 
 
 def test_escape_is_a_netns_member_missing_from_a_cgroup_hierarchy() -> None:

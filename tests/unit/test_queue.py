@@ -255,6 +255,43 @@ def test_add_wakes_a_blocked_get() -> None:
     assert got == ["all"]
 
 
+def _blocked_get(queue: WorkQueue) -> tuple[threading.Thread, list[str | None]]:
+    """A thread waiting in `get(timeout=None)`: no deadline, as the controller's worker."""
+    got: list[str | None] = []
+    thread = threading.Thread(target=lambda: got.append(queue.get(timeout=None)), daemon=True)
+    thread.start()
+    return thread, got
+
+
+def test_a_get_without_timeout_waits_for_a_key() -> None:
+    queue = WorkQueue()
+    thread, got = _blocked_get(queue)
+    queue.add("all")
+    thread.join(timeout=5)
+    assert got == ["all"]
+
+
+def test_a_get_without_timeout_ends_at_shutdown() -> None:
+    queue = WorkQueue()
+    thread, got = _blocked_get(queue)
+    queue.shutdown()
+    thread.join(timeout=5)
+    assert not thread.is_alive() and got == [None]
+
+
+def test_a_get_without_timeout_wakes_for_a_delayed_key() -> None:
+    queue = WorkQueue()  # the real clock: the delay must expire by itself
+    thread, got = _blocked_get(queue)
+    queue.add_after("all", 0.05)
+    thread.join(timeout=5)
+    assert got == ["all"]
+
+
+def test_a_get_without_timeout_returns_a_key_due_now_at_once(queue: WorkQueue) -> None:
+    queue.add("all")
+    assert queue.get(timeout=None) == "all"
+
+
 # --------------------------------------------------------------------------- threads
 
 
