@@ -3,9 +3,10 @@
 An orphan is what a crash leaves behind: `kill -9` between creating a kernel object and
 writing the state file that records it, followed by an edit that no longer declares it
 (so the next reconcile, which would have adopted it, has no reason to look). The
-controller collects orphans at startup and on every resync, after the reconcile, against
-the inventory that reconcile returned; `destroy` collects them after tearing down
-everything recorded.
+controller collects orphans after its first reconcile, after any reconcile that failed or
+crashed, on SIGHUP and with a resync at most every few minutes (see `controller.loop`),
+against the inventory that reconcile returned; `destroy` collects them after tearing
+down everything recorded.
 
 Proof, per kind of object:
 - a link (bridge, host veth) carries our `ifalias` tag naming this instance;
