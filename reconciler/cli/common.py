@@ -1,7 +1,8 @@
 """What every command shares: user-facing errors, saving state, reporting an outcome.
 
 Kept apart from `main.py` so command modules (`run`, `exec`, `sync`, ...) can import it
-at module load without a cycle (main imports them to register them).
+at module load without a cycle (main imports them to register them). It imports nothing
+heavy: every command module loads it, `--help` included.
 """
 
 from __future__ import annotations
@@ -9,15 +10,17 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable
 from functools import wraps
-from typing import NoReturn, ParamSpec, TypeVar
+from typing import TYPE_CHECKING, NoReturn, ParamSpec, TypeVar
 
 import click
 
-from reconciler.cli.runtime import Runtime
-from reconciler.engine.plan import Action, Plan
-from reconciler.engine.reconcile import ReconcileResult
 from reconciler.errors import ManifestError, ReconcilerError
-from reconciler.state.model import StateDocument
+
+if TYPE_CHECKING:  # the engine is imported by the commands that run it, not by `--help`
+    from reconciler.cli.runtime import Runtime
+    from reconciler.engine.plan import Action, Plan
+    from reconciler.engine.reconcile import ReconcileResult
+    from reconciler.state.model import StateDocument
 
 P = ParamSpec("P")
 R = TypeVar("R")

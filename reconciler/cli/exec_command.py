@@ -14,16 +14,16 @@ every process of the environment is shown, each line prefixed with its name.
 from __future__ import annotations
 
 import os
+from typing import TYPE_CHECKING
 
 import click
 
 from reconciler.cli.common import user_errors
-from reconciler.cli.runtime import Runtime
 from reconciler.errors import ReconcilerError
-from reconciler.kernel.logfiles import env_log_dir, log_path, logged_processes, read_many
-from reconciler.kernel.processes import run_in_env
-from reconciler.kernel.types import ProcessRef
-from reconciler.state.model import EnvironmentRecord
+
+if TYPE_CHECKING:  # imported by the commands themselves: start-up is paid by every command
+    from reconciler.cli.runtime import Runtime
+    from reconciler.state.model import EnvironmentRecord
 
 
 def _environment(runtime: Runtime, name: str) -> EnvironmentRecord:
@@ -53,6 +53,9 @@ def exec_(runtime: Runtime, name: str, command: tuple[str, ...]) -> None:
         raise click.UsageError("missing CMD after --")
     if os.geteuid() != 0:
         raise ReconcilerError("exec enters an environment's namespaces: run it as root")
+    from reconciler.kernel.processes import run_in_env
+    from reconciler.kernel.types import ProcessRef
+
     record = _environment(runtime, name)
     if record.holder is None:
         raise ReconcilerError(
@@ -76,6 +79,8 @@ def exec_(runtime: Runtime, name: str, command: tuple[str, ...]) -> None:
 @user_errors
 def logs(runtime: Runtime, name: str, process: str | None, follow: bool) -> None:
     """Captured stdout/stderr of PROCESS (default: every process) of environment NAME."""
+    from reconciler.kernel.logfiles import env_log_dir, log_path, logged_processes, read_many
+
     record = _environment(runtime, name)
     directory = env_log_dir(runtime.store.dir, name)
     declared = [str(p.get("name")) for p in record.spec.get("processes", [])]

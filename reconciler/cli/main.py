@@ -3,6 +3,11 @@
 One function per command; each asks the `Runtime` for what it needs, calls one engine
 function and renders the result. Every `ReconcilerError` becomes one line on stderr and
 its exit code; usage errors exit 2 (click's convention); nothing prints a traceback.
+
+Start-up is paid by every command, so each imports what it uses inside its body: `--help`
+loads click and nothing else, `validate` the manifest models but no engine or driver,
+`apply` the engine and drivers but not the controller, health loop, git or metrics code
+(tests/unit/test_cli_imports.py holds these lines).
 """
 
 from __future__ import annotations
@@ -13,23 +18,19 @@ import sys
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any, ParamSpec, TypeVar
+from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
 
 import click
-import yaml
 
 from reconciler.cli.common import fail, report_outcome, save_state, user_errors
-from reconciler.cli.render import plan_text, status_tables
 from reconciler.cli.run_command import run
 from reconciler.cli.runtime import Options, Runtime, configure_logging
-from reconciler.engine.apply import apply_plan
-from reconciler.engine.desired import Desired
-from reconciler.engine.plan import Action, Change, Plan
-from reconciler.engine.reconcile import plan_for, reconcile
 from reconciler.errors import ReconcilerError
-from reconciler.manifests.loader import LoadResult
-from reconciler.manifests.schema import manifest_schema
-from reconciler.state.model import StateDocument
+
+if TYPE_CHECKING:
+    from reconciler.engine.desired import Desired
+    from reconciler.manifests.loader import LoadResult
+    from reconciler.state.model import StateDocument
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -132,6 +133,8 @@ def validate(runtime: Runtime, paths: tuple[Path, ...]) -> None:
 @cli.command()
 def schema() -> None:
     """Print the JSON Schema of the manifest kinds."""
+    from reconciler.manifests.schema import manifest_schema
+
     click.echo(json.dumps(manifest_schema(), indent=2))
 
 
@@ -151,6 +154,9 @@ def _desired(runtime: Runtime) -> tuple[LoadResult, Desired]:
 @user_errors
 def plan(runtime: Runtime, output: str, detailed_exitcode: bool) -> None:
     """Show what apply would change; touches nothing."""
+    from reconciler.cli.render import plan_text
+    from reconciler.engine.reconcile import plan_for
+
     result, desired = _desired(runtime)
     state = runtime.load_state()
     planned, _ = plan_for(
@@ -173,6 +179,8 @@ def plan(runtime: Runtime, output: str, detailed_exitcode: bool) -> None:
 @user_errors
 def apply(runtime: Runtime) -> None:
     """Converge once, then exit (1 if anything failed)."""
+    from reconciler.engine.reconcile import reconcile
+
     result, desired = _desired(runtime)
     with runtime.store.lock(command="reconciler apply"):
         state = runtime.load_state()
@@ -202,6 +210,7 @@ def apply(runtime: Runtime) -> None:
 @user_errors
 def status(runtime: Runtime, names: tuple[str, ...], output: str) -> None:
     """Environments and networks, as recorded and as live."""
+    from reconciler.cli.render import status_tables
     from reconciler.cli.status import build_status
     from reconciler.engine.orphans import owned_objects
 
@@ -211,6 +220,8 @@ def status(runtime: Runtime, names: tuple[str, ...], output: str) -> None:
     if output == "json":
         click.echo(json.dumps(doc, indent=2))
     elif output == "yaml":
+        import yaml
+
         click.echo(yaml.safe_dump(doc, sort_keys=False), nl=False)
     else:
         click.echo(status_tables(doc, wide=output == "wide"))
@@ -220,6 +231,8 @@ def status(runtime: Runtime, names: tuple[str, ...], output: str) -> None:
 
 def _state_or_orphans(runtime: Runtime, owned: Callable[..., list[str]]) -> StateDocument:
     """The state; when it is missing or corrupt but owned objects exist, a clear error."""
+    from reconciler.state.model import StateDocument
+
     try:
         loaded = runtime.store.load()
     except ReconcilerError as exc:
@@ -245,6 +258,10 @@ def _state_or_orphans(runtime: Runtime, owned: Callable[..., list[str]]) -> Stat
 @user_errors
 def destroy(runtime: Runtime, names: tuple[str, ...]) -> None:
     """Tear down the named environments, or everything this instance owns."""
+    from reconciler.engine.apply import apply_plan
+    from reconciler.engine.desired import Desired
+    from reconciler.engine.plan import Action, Change, Plan
+
     with runtime.store.lock(command="reconciler destroy"):
         state = runtime.load_state()
         targets = list(names) or sorted(state.environments)

@@ -16,16 +16,15 @@ changes or until this command. Two cases, told apart by the instance lock:
 from __future__ import annotations
 
 import time
+from typing import TYPE_CHECKING
 
 import click
 
 from reconciler.cli.common import user_errors
-from reconciler.cli.runtime import Runtime
-from reconciler.engine.isolation import isolation_spec
 from reconciler.errors import LockedError, ReconcilerError
-from reconciler.health.actions import release_dir, release_pending, request_release
-from reconciler.health.monitor import health_conditions, quarantined_in
-from reconciler.state.model import StateDocument
+
+if TYPE_CHECKING:  # imported by the command itself: start-up is paid by every command
+    from reconciler.cli.runtime import Runtime
 
 _POLL = 0.1  # seconds between looks at the request file: a user waiting, not a sync
 
@@ -64,6 +63,8 @@ def release(runtime: Runtime, name: str, wait: float) -> None:
 
 def _request(runtime: Runtime, name: str, wait: float) -> None:
     """A controller holds the lock: hand the release to its health monitor."""
+    from reconciler.health.actions import release_pending, request_release
+
     request_release(runtime.store.dir, name)
     deadline = time.monotonic() + wait
     while release_pending(runtime.store.dir, name) and time.monotonic() < deadline:
@@ -79,6 +80,10 @@ def _request(runtime: Runtime, name: str, wait: float) -> None:
 
 def _release_now(runtime: Runtime, name: str) -> None:
     """No controller: clear the quarantine in the state and re-apply the isolation rules."""
+    from reconciler.engine.isolation import isolation_spec
+    from reconciler.health.actions import release_dir
+    from reconciler.health.monitor import health_conditions, quarantined_in
+
     # A request left for a controller that has since stopped is answered here.
     (release_dir(runtime.store.dir) / name).unlink(missing_ok=True)
     state = runtime.load_state()
@@ -88,7 +93,7 @@ def _release_now(runtime: Runtime, name: str) -> None:
     if record.quarantine is None:
         click.echo(f"Environment/{name}: not quarantined (nothing to do)")
         return
-    updated: StateDocument = state.model_copy(deep=True)
+    updated = state.clone()
     target = updated.environments[name]
     target.quarantine = None
     target.conditions = health_conditions(target.conditions, probes=target.probes, quarantine=None)

@@ -4,7 +4,9 @@ Runs in the foreground until SIGTERM or SIGINT, then exits 0; environments keep 
 The work itself is `reconciler.controller.loop.Controller`; this module only parses the
 options, refuses the ones a later version adds (the git source), checks the metrics
 address (loopback only, unless `--metrics-allow-remote`), and sets the log level: a
-daemon's log is its record, so `run` logs at info level even without `-v`.
+daemon's log is its record, so `run` logs at info level even without `-v`. The controller,
+the git source and the metrics server are imported when `run` runs, not when the command
+line starts (every other command would pay for them).
 """
 
 from __future__ import annotations
@@ -15,10 +17,6 @@ import click
 
 from reconciler.cli.common import user_errors
 from reconciler.cli.runtime import Runtime, configure_logging
-from reconciler.controller.loop import Controller, Settings
-from reconciler.controller.metrics import parse_listen_address
-from reconciler.sources.git import GitSource
-from reconciler.sources.sync import CHECKOUT_DIR
 
 
 @click.command()
@@ -75,6 +73,11 @@ def run(
     metrics_allow_remote: bool,
 ) -> None:
     """The controller: watch the manifests, resync, repair drift, until SIGTERM/SIGINT."""
+    from reconciler.controller.loop import Controller, Settings
+    from reconciler.controller.metrics import parse_listen_address
+    from reconciler.sources.git import GitSource
+    from reconciler.sources.sync import CHECKOUT_DIR
+
     git = None
     if git_url is not None:
         git = GitSource(

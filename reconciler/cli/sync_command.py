@@ -23,31 +23,16 @@ they are.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
 from reconciler.cli.common import report_outcome, save_state, user_errors
-from reconciler.cli.runtime import Runtime
-from reconciler.engine.reconcile import reconcile
 from reconciler.errors import ManifestError
 from reconciler.sources import SourceError
-from reconciler.sources.git import (
-    GitSource,
-    classify_ref,
-    normalize_repo_path,
-    normalize_url,
-)
-from reconciler.sources.sync import (
-    CHECKOUT_DIR,
-    EVENT_KIND,
-    SyncRefused,
-    fetch_and_load,
-    record_applied,
-    record_refusal,
-)
-from reconciler.state.suspend import is_suspended, set_suspended
 
-"""The instance's checkout, under `<state-dir>/<instance>/`."""
+if TYPE_CHECKING:  # the git source and the engine are imported by the commands that use them
+    from reconciler.cli.runtime import Runtime
 
 
 # --------------------------------------------------------------------------- option checks
@@ -55,6 +40,8 @@ from reconciler.state.suspend import is_suspended, set_suspended
 
 def _check_url(ctx: click.Context, param: click.Parameter, value: str) -> str:
     del ctx, param
+    from reconciler.sources.git import normalize_url
+
     try:
         normalize_url(value, cwd=Path.cwd())
     except SourceError as exc:
@@ -64,6 +51,8 @@ def _check_url(ctx: click.Context, param: click.Parameter, value: str) -> str:
 
 def _check_ref(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
     del ctx, param
+    from reconciler.sources.git import classify_ref
+
     if value is not None:
         try:
             classify_ref(value)
@@ -74,6 +63,8 @@ def _check_ref(ctx: click.Context, param: click.Parameter, value: str | None) ->
 
 def _check_path(ctx: click.Context, param: click.Parameter, value: str) -> str:
     del ctx, param
+    from reconciler.sources.git import normalize_repo_path
+
     try:
         return normalize_repo_path(value)
     except SourceError as exc:
@@ -121,6 +112,17 @@ def sync(
     git_verify_keyring: Path | None,
 ) -> None:
     """Fetch a git repository once and apply its manifests (exit 1 if anything failed)."""
+    from reconciler.engine.reconcile import reconcile
+    from reconciler.sources.git import GitSource
+    from reconciler.sources.sync import (
+        CHECKOUT_DIR,
+        SyncRefused,
+        fetch_and_load,
+        record_applied,
+        record_refusal,
+    )
+    from reconciler.state.suspend import is_suspended
+
     source = GitSource(
         url=git_url,
         checkout_dir=runtime.store.dir / CHECKOUT_DIR,
@@ -185,6 +187,9 @@ def resume(runtime: Runtime) -> None:
 
 
 def _set_suspended(runtime: Runtime, *, suspended: bool) -> None:
+    from reconciler.sources.sync import EVENT_KIND
+    from reconciler.state.suspend import set_suspended
+
     word = "suspended" if suspended else "resumed"
     # No lock: a running controller holds it for good; the flag file is atomic.
     if not set_suspended(runtime.store.dir, suspended=suspended):

@@ -91,6 +91,17 @@ def _content(doc: StateDocument) -> dict[str, Any]:
     return doc.model_dump(mode="json", exclude=set(_BOOKKEEPING_FIELDS))
 
 
+def _same_content(doc: StateDocument, previous: StateDocument) -> bool:
+    """True when the two documents differ at most in serial, history and boot id."""
+    blank = {"serial": 0, "history": [], "boot_id": ""}
+    # Model equality first: ~1 ms at 200 environments, where dumping both takes ~20.
+    # Equal values always dump equal; the dump still decides when they are not equal,
+    # since values can differ and dump the same (a tuple and a list).
+    if doc.model_copy(update=blank) == previous.model_copy(update=blank):
+        return True
+    return _content(doc) == _content(previous)
+
+
 def _write_new_file(path: Path, data: bytes) -> None:
     """Create `path` (must not exist), write `data`, fsync. Mode 0600."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
@@ -219,6 +230,13 @@ class StateStore:
             raise _Unreadable("not UTF-8 text") from None
         if not text.strip():
             raise _Unreadable("empty file")
+        # pydantic's own JSON parser validates 200 environments in ~4 ms, where json.loads
+        # plus model_validate take ~25. Anything unusual (invalid, a version we do not
+        # read) takes the careful path below, which words the error exactly.
+        with contextlib.suppress(ValueError):  # pydantic's ValidationError is a ValueError
+            fast = StateDocument.model_validate_json(text)
+            if 1 <= fast.version <= STATE_VERSION:
+                return fast
         try:
             raw = json.loads(text)
         except json.JSONDecodeError as e:
@@ -279,17 +297,18 @@ class StateStore:
             self._remove_temp_files()
             current_bytes = self._read(self.path)
             current = self._current(current_bytes, replace_corrupt=replace_corrupt)
-            written = self._next_document(doc, current=current, summary=summary)
-            self._write(
-                written.to_json().encode() + b"\n", current=current_bytes, corrupt=current is None
-            )
+            payload = self._next_document(doc, current=current, summary=summary)
+            self._write(payload, current=current_bytes, corrupt=current is None)
         except OSError as e:
             self._remove_temp_files()
             raise StateError(
                 f"cannot write state file {self.path}: {e.strerror}; check free space and "
                 f"permissions of {self.dir}"
             ) from e
-        return written
+        # The copy handed back is parsed from the bytes just written: what `load()` would
+        # return, independent of `doc`, and far cheaper than a deep copy (~5 ms at 200
+        # environments against ~90).
+        return StateDocument.model_validate_json(payload)
 
     def save_if_changed(
         self, doc: StateDocument, *, previous: StateDocument | None, summary: str
@@ -298,7 +317,7 @@ class StateStore:
 
         A reconcile that changed nothing writes nothing (no fsync, no serial bump).
         """
-        if previous is not None and _content(doc) == _content(previous):
+        if previous is not None and _same_content(doc, previous):
             return SaveResult(wrote=False, document=doc)
         return SaveResult(wrote=True, document=self.save(doc, summary=summary))
 
@@ -315,7 +334,8 @@ class StateStore:
 
     def _next_document(
         self, doc: StateDocument, *, current: StateDocument | None, summary: str
-    ) -> StateDocument:
+    ) -> bytes:
+        """The file content for `doc` as the next version of `current` (checked first)."""
         if current is not None:
             if doc.lineage != current.lineage:
                 raise StateError(
@@ -330,15 +350,20 @@ class StateStore:
                     "another process wrote it without the lock; reload the state and retry"
                 )
         serial = (current.serial if current is not None else doc.serial) + 1
-        written = doc.model_copy(deep=True)
-        written.version = STATE_VERSION
-        written.lineage = doc.lineage or str(uuid.uuid4())
-        written.serial = serial
-        written.instance = self.instance
-        written.boot_id = boot_id()
         entry = HistoryEntry(serial=serial, time=_now_rfc3339(), summary=" ".join(summary.split()))
-        written.history = [*written.history, entry][-HISTORY_LIMIT:]
-        return written
+        # A shallow copy is enough: only top-level fields change, and it is serialised
+        # at once, never handed out.
+        written = doc.model_copy(
+            update={
+                "version": STATE_VERSION,
+                "lineage": doc.lineage or str(uuid.uuid4()),
+                "serial": serial,
+                "instance": self.instance,
+                "boot_id": boot_id(),
+                "history": [*doc.history, entry][-HISTORY_LIMIT:],
+            }
+        )
+        return written.to_json().encode() + b"\n"
 
     def _write(self, data: bytes, *, current: bytes | None, corrupt: bool) -> None:
         """Steps 1-4 of the module docstring.

@@ -13,8 +13,9 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from reconciler.manifests.loader import LoadResult, discover, load_paths, load_text
-from tests.unit.factories import dump, env_doc, line_of, load_one, network_doc
+from reconciler.manifests.loader import LoadResult, compose, discover, load_paths, load_text
+from tests.gates import unavailable
+from tests.unit.factories import CONTRACT_EXAMPLE, dump, env_doc, line_of, load_one, network_doc
 
 ERROR_LINE = re.compile(r"^(?P<file>[^:\n]+):(?P<line>[1-9][0-9]*): \S[^\n]*$")
 
@@ -154,6 +155,10 @@ def test_empty_file_declares_nothing() -> None:
         ("? [a, b]\n: 1\n", 1, ["mapping keys must be plain strings"]),
         ("a: *nothing\n", 1, ["invalid YAML", "undefined alias"]),
         ("a: b\x00\n", 1, ["invalid YAML"]),
+        # chr() of an escape beyond U+10FFFF: PyYAML raises OverflowError, not YAMLError.
+        ('a: 1\nb: "\\Uffffffff"\n', 2, ["invalid YAML", "escape"]),
+        ('# !\na: 1\nb: "\\Uffffffff"\n', 1, ["invalid YAML"]),
+        ('a: "\\U7fffffff"\n', 1, ["invalid YAML"]),
     ],
 )
 def test_document_errors(text: str, line: int, fragments: list[str]) -> None:
@@ -367,3 +372,94 @@ documents = st.fixed_dictionaries(
 def test_arbitrary_yaml_structures_never_raise(docs: list[object], flow: bool) -> None:
     text = yaml.safe_dump_all(docs, default_flow_style=flow)
     check_errors(text)
+
+
+# --------------------------------------------------------------------------- two parsers
+
+
+def node_shape(node: yaml.Node, seen: frozenset[int] = frozenset()) -> object:
+    """Everything the loader reads from a node: tag, value, line; cycles cut."""
+    if id(node) in seen:
+        return "<cycle>"
+    if isinstance(node, yaml.ScalarNode):
+        return (node.tag, node.value, node.start_mark.line)
+    inner = seen | {id(node)}
+    if isinstance(node, yaml.SequenceNode):
+        return (node.tag, node.start_mark.line, [node_shape(n, inner) for n in node.value])
+    pairs = [(node_shape(k, inner), node_shape(v, inner)) for k, v in node.value]
+    return (node.tag, node.start_mark.line, pairs)
+
+
+def document_shape(node: yaml.Node) -> object:
+    if isinstance(node, yaml.ScalarNode) and node.tag == "tag:yaml.org,2002:null":
+        return "<empty document: skipped>"  # as load_text does (libyaml marks it elsewhere)
+    return node_shape(node)
+
+
+def composed(text: str, *, fast: bool) -> object:
+    try:
+        return [document_shape(node) for node in compose(text, fast=fast)]
+    except yaml.YAMLError as exc:
+        return ("located", type(exc).__name__, str(exc))
+    except (ValueError, OverflowError, RecursionError) as exc:
+        return ("unlocated", type(exc).__name__, str(exc))
+
+
+def assert_same_as_reference(text: str) -> None:
+    fast, reference = composed(text, fast=True), composed(text, fast=False)
+    if isinstance(reference, tuple) and reference[0] == "unlocated":
+        # The reference parser broke down without a position ("\U7fffffff"): the error
+        # libyaml located is reported instead, by design (see `compose`).
+        assert fast == reference or (isinstance(fast, tuple) and fast[0] == "located"), text
+        return
+    assert fast == reference, repr(text)
+
+
+# The characters on which libyaml and PyYAML's pure parser disagree, and YAML's structure.
+tricky = st.text(
+    alphabet="abk:-[]{}&*!|>'\"#\n\r\t ,?%@`~.0123456789\\+\x85\u2028\u2029\ufeffé",
+    max_size=60,
+)
+
+
+@settings(suppress_health_check=[HealthCheck.too_slow], deadline=None, max_examples=500)
+@given(st.one_of(tricky, st.text(max_size=40), tricky.map(lambda t: "\ufeff" + t)))
+def test_libyaml_path_composes_exactly_what_the_reference_parser_does(text: str) -> None:
+    assert_same_as_reference(text)
+
+
+@settings(suppress_health_check=[HealthCheck.too_slow], deadline=None, max_examples=200)
+@given(values, st.sampled_from([None, True, False]), st.sampled_from([None, '"', "'", "|"]))
+def test_libyaml_path_agrees_on_dumped_structures(
+    doc: object, flow: bool | None, style: str | None
+) -> None:
+    text = yaml.safe_dump(doc, default_flow_style=flow, default_style=style, allow_unicode=True)
+    assert_same_as_reference(text)
+
+
+def test_an_escape_beyond_unicode_is_located_by_libyaml() -> None:
+    if not hasattr(yaml, "CSafeLoader"):
+        unavailable("PyYAML was built without libyaml (yaml.CSafeLoader)")
+    text = 'a: 1\nb: "\\U7fffffff"\n'
+    with pytest.raises(ValueError):  # the reference parser: chr() out of range, no mark
+        compose(text, fast=False)
+    assert_same_as_reference(text)
+    (error,) = load_one(text).errors
+    assert error.startswith("m.yaml:2: invalid YAML: ")
+
+
+def test_ordinary_manifests_are_composed_by_libyaml(monkeypatch: pytest.MonkeyPatch) -> None:
+    if not hasattr(yaml, "CSafeLoader"):
+        unavailable("PyYAML was built without libyaml (yaml.CSafeLoader)")
+
+    class Refused(yaml.SafeLoader):
+        def __init__(self, stream: str) -> None:
+            raise AssertionError("the pure-Python parser was used")
+
+    bundled = sorted((Path(__file__).parents[2] / "manifests").glob("*.yaml"))
+    texts = [CONTRACT_EXAMPLE, GOOD, json.dumps(env_doc("web"), indent=2)]
+    texts += [p.read_text() for p in bundled]
+    monkeypatch.setattr(yaml, "SafeLoader", Refused)
+    for text in texts:
+        result = load_one(text)
+        assert result.errors == [] and result.manifests, text

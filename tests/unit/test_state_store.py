@@ -126,6 +126,47 @@ def test_serial_increments_lineage_stays_backup_holds_previous(
     assert read_json(store.backup_path)["serial"] == 2
 
 
+def test_save_returns_what_load_returns_and_shares_nothing_with_its_input(
+    store: StateStore,
+) -> None:
+    doc = StateDocument(environments={"web": env({"team": "pay"})})
+    written = save(store, doc)
+    assert written == store.load()
+    assert written.environments["web"] is not doc.environments["web"]
+    written.environments["web"].labels["team"] = "changed"
+    assert doc.environments["web"].labels == {"team": "pay"}
+    assert doc.serial == 0 and doc.history == []  # the input is not the written copy
+
+
+def test_clone_is_equal_and_shares_nothing() -> None:
+    doc = StateDocument(
+        environments={"web": env({"team": "pay"})}, allocations={"devnet": {"web": "10.0.0.2"}}
+    )
+    copy = doc.clone()
+    assert copy == doc
+    copy.environments["web"].labels["team"] = "other"
+    copy.allocations["devnet"]["web"] = "10.0.0.3"
+    assert doc.environments["web"].labels == {"team": "pay"}
+    assert doc.allocations == {"devnet": {"web": "10.0.0.2"}}
+
+
+@pytest.mark.parametrize(
+    "edit",
+    [
+        {},  # the common case: pydantic's JSON parser reads it directly
+        {"version": "1"},  # lax types, as json.loads + model_validate always accepted them
+        {"serial": 2.0},
+        {"environments": {"web": {"spec": {}, "specHash": "h", "netns": "n", "extra": 1}}},
+    ],
+)
+def test_loading_reads_what_the_careful_parser_reads(
+    store: StateStore, two_versions: tuple[StateDocument, StateDocument], edit: dict[str, Any]
+) -> None:
+    raw = read_json(store.path) | edit
+    store.path.write_text(json.dumps(raw, indent=1))
+    assert store.load() == StateDocument.model_validate(raw)
+
+
 def test_history_is_bounded(store: StateStore) -> None:
     doc = StateDocument()
     for _ in range(HISTORY_LIMIT + 5):
@@ -310,6 +351,20 @@ def test_save_if_changed_writes_nothing_for_a_no_op(
     assert result.wrote
     assert result.document.serial == 3
     assert read_json(store.path)["allocations"] == {"devnet": {"web": "10.213.0.12"}}
+
+
+def test_save_if_changed_sees_a_change_deep_inside_a_record(
+    store: StateStore, two_versions: tuple[StateDocument, StateDocument]
+) -> None:
+    _, second = two_versions
+    with store.lock():
+        base = store.save(second.model_copy(update={"environments": {"web": env()}}), summary="x")
+    changed = base.model_copy(deep=True)
+    changed.environments["web"].labels["team"] = "pay"
+    with store.lock():
+        result = store.save_if_changed(changed, previous=base, summary="labels")
+    assert result.wrote
+    assert read_json(store.path)["environments"]["web"]["labels"] == {"team": "pay"}
 
 
 def test_save_if_changed_writes_a_first_document(store: StateStore) -> None:
