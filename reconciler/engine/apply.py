@@ -21,8 +21,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
 
-import structlog
-
 from reconciler.engine.desired import Desired, DesiredEnvironment, DesiredNetwork
 from reconciler.engine.isolation import isolation_spec
 from reconciler.engine.plan import Action, Change, Plan
@@ -42,6 +40,7 @@ from reconciler.kernel.types import (
     ProcessRef,
     owner_tag,
 )
+from reconciler.logging_setup import get_logger
 from reconciler.state.conditions import now_rfc3339, set_condition
 from reconciler.state.events import EventLog
 from reconciler.state.model import (
@@ -52,7 +51,7 @@ from reconciler.state.model import (
     StateDocument,
 )
 
-log = structlog.get_logger("reconciler.engine")
+log = get_logger("reconciler.engine")
 
 # How long a torn-down namespace may take to take its veth along before we delete the
 # veth ourselves (measured: ~0.1 s for 200 namespaces dying together).
@@ -731,7 +730,7 @@ def apply_plan(
     plan: Plan,
 ) -> tuple[StateDocument, list[Outcome]]:
     """Apply `plan`; returns the updated state (a copy) and an outcome per changed object."""
-    working = state.model_copy(deep=True)
+    working = state.clone()
     applier = Applier(
         instance=instance, drivers=drivers, events=events, state=working, desired=desired, plan=plan
     )

@@ -13,11 +13,13 @@ import ipaddress
 import json
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from reconciler.kernel.types import CgroupLimits, IoLimit
-from reconciler.manifests.loader import LoadResult, Located
-from reconciler.manifests.models import Environment, Network, spec_dict
+
+if TYPE_CHECKING:  # building the manifest models costs ~50 ms: `destroy` never needs them
+    from reconciler.manifests.loader import LoadResult, Located
+    from reconciler.manifests.models import Environment, Network
 
 Key = tuple[str, str]
 
@@ -87,6 +89,8 @@ DeviceResolver = Callable[[str], str]
 
 def build_desired(result: LoadResult, *, resolve_device: DeviceResolver) -> Desired:
     """Turn a (cross-checked) load result into the desired state."""
+    from reconciler.manifests.models import Network
+
     networks: dict[str, DesiredNetwork] = {}
     environments: dict[str, DesiredEnvironment] = {}
     for located in result.manifests:
@@ -105,6 +109,8 @@ def build_desired(result: LoadResult, *, resolve_device: DeviceResolver) -> Desi
 
 
 def _network(manifest: Network, located: Located) -> DesiredNetwork:
+    from reconciler.manifests.models import spec_dict
+
     spec = spec_dict(manifest)
     return DesiredNetwork(
         name=manifest.metadata.name,
@@ -121,6 +127,8 @@ def _network(manifest: Network, located: Located) -> DesiredNetwork:
 def _environment(
     manifest: Environment, located: Located, resolve_device: DeviceResolver
 ) -> DesiredEnvironment:
+    from reconciler.manifests.models import spec_dict
+
     spec = spec_dict(manifest)
     attachment = manifest.spec.network
     resources = manifest.spec.resources

@@ -157,7 +157,7 @@ def reconcile(
 
 def forget_runtime_objects(state: StateDocument) -> StateDocument:
     """After a reboot: processes and namespace identities are gone; allocations stay."""
-    copy = state.model_copy(deep=True)
+    copy = state.clone()
     for record in copy.environments.values():
         record.holder = None
         record.netns_inode = None

@@ -514,7 +514,7 @@ class HealthMonitor:
                     updates[name] = wanted
         if not updates:
             return state
-        copy = state.model_copy(deep=True)
+        copy = state.clone()
         for name, (probes, violations, quarantine, conditions) in updates.items():
             record = copy.environments[name]
             record.probes = probes

@@ -64,7 +64,7 @@ def record_refusal(
 ) -> StateDocument:
     """Keep everything as applied; only the source's attempt fields change. Returns the
     written document (the caller continues from it)."""
-    new_state = state.model_copy(deep=True)
+    new_state = state.clone()
     new_state.source = refused.record
     saved = store.save_if_changed(
         new_state, previous=state if on_disk else None, summary="sync failed"
