@@ -379,7 +379,7 @@ def test_observe_drops_the_socket_of_a_recreated_netns(
 
 
 def test_driver_is_usable_from_any_thread(driver: NetlinkDriver, built: Topology) -> None:
-    """pyroute2 keeps sockets per thread: a call from a new thread must still see the netns."""
+    """A call from a new thread must still see the netns the socket was opened in."""
     env = built.envs[0]
     seen: list[set[str]] = []
 
