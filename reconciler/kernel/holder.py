@@ -10,28 +10,33 @@ gets a holder, Debian's `catatonit -P` (pause mode: do nothing, reap children), 
   with a /proc that shows the env's own pids),
 - a member of the env's pinned network namespace and of its cgroup, both joined *before*
   exec, so there is no instant at which it runs outside them,
-- NOT a child of the controller: double fork + setsid, stdio on /dev/null, every other
-  fd closed. It outlives the controller; a restarted controller re-adopts it by
-  `ProcessRef` (pid + start time: pids are reused, the pair is not).
+- NOT a child of the controller: its own session, stdio on /dev/null, no other fd,
+  an empty environment, default signal dispositions. It outlives the controller; a
+  restarted controller re-adopts it by `ProcessRef` (pid + start time: pids are reused,
+  the pair is not).
 
 Workloads are later started with `nsenter --target <holder pid>`, so they share all of
 the holder's namespaces.
 
-Who forks: not the controller. Forking its ~56 MB costs ~3 ms a fork, twice per env.
-The driver starts one small zygote process (reconciler.kernel.zygote: `python -I -S`,
-a few MB, started by posix_spawn, i.e. vfork) on first use and sends it requests over a
-socket: the env's netns pin and cgroup.procs files, opened here, travel with each request
-(SCM_RIGHTS), so a missing netns fails here and forks nothing. The zygote runs the
-double-fork chain and answers with the holder's pid once catatonit runs; the driver
-takes its identity (pid + start time) then. Requests are pipelined: `spawn_many` sends
-them all, then collects the answers; one env's failure is its own `KernelError`.
+Who starts it: not the controller. The driver starts one small zygote process
+(reconciler.kernel.zygote: `python -I -S`, a few MB, started by posix_spawn, i.e. vfork)
+on first use and sends it requests over a socket: the env's netns pin and cgroup.procs
+files, opened here, travel with each request (SCM_RIGHTS), so a missing netns fails here
+and starts nothing. The zygote steps into the env's netns, cgroups and new namespaces
+itself, posix_spawns catatonit there (no fork: no page-table copy, no copy-on-write), and
+steps back; it answers with the holder's pid once catatonit runs, and the driver takes
+its identity (pid + start time). Requests are pipelined: `spawn_many` sends them all,
+then collects the answers; one env's failure is its own `KernelError`.
 
-    controller ──request──▶ zygote ──fork──▶ child: setns, cgroups, unshare, fork, report
-                ◀─answer──         (reaps the child)       └──▶ holder: exec catatonit -P
+    controller ──request──▶ zygote: setns, join cgroups, unshare, posix_spawn, return
+                ◀─answer──                                       └──▶ holder: catatonit -P
 
-The zygote is our child and we reap it. It exits when its socket reaches end-of-file
-(`close()`, the driver dropped, or the controller died); a zygote that died is replaced on
-the next spawn, and the requests it had in flight fail with a `KernelError`.
+The holder is the zygote's child: the zygote reaps it when it exits and never signals
+one it has reported; when the zygote exits, its holders are re-parented to init. The
+zygote is our child and we reap it. It exits when its socket reaches end-of-file
+(`close()`, the driver dropped, or the controller died); a zygote that died is replaced
+on the next spawn, and the requests it had in flight fail with a `KernelError`; one
+silent for `spawn_timeout` is killed and replaced.
 
 Stopping is batched too: `stop_many` SIGKILLs every holder through a pidfd checked
 against its start time, then waits for all of them with one deadline.
@@ -62,9 +67,6 @@ from reconciler.state.procinfo import process_alive, process_start_time
 
 KNOWN_NAMESPACES = zygote.KNOWN_NAMESPACES
 
-# The zygote answers every request by its timeout itself; silent for this much longer
-# than the spawn timeout, it is hung, and is killed.
-_ZYGOTE_GRACE = 2.0
 # How long `close()` waits for the zygote to leave after end-of-file, then after SIGKILL.
 _CLOSE_TIMEOUT = 2.0
 # pidfds one stop_many holds at once (the controller's fd limit may be 1024).
@@ -74,6 +76,8 @@ _STOP_CHUNK = 256
 _LAUNCH = (
     "import sys; sys.path.append(sys.argv.pop(1)); import zygote; sys.exit(zygote.main(sys.argv))"
 )
+# Extra zygote options (zygote.OPTION_*); tests set them to reach rare paths.
+_ZYGOTE_OPTIONS: tuple[str, ...] = ()
 # What a request carries besides its fds: (request id, datagram).
 _Prepared = tuple[int, bytes, list[int]]
 
@@ -107,6 +111,7 @@ class _ZygoteProcess:
                     os.path.dirname(os.path.abspath(zygote.__file__)),
                     "3",
                     str(os.getpid()),
+                    *_ZYGOTE_OPTIONS,
                 ],
                 {},
                 file_actions=_zygote_fd_actions(theirs.fileno()),
@@ -162,9 +167,7 @@ class _ZygoteProcess:
                 _, status = os.waitpid(self.pid, 0)
             except ChildProcessError:
                 return "ended"  # reaped elsewhere (waitpid(-1) somewhere in the process)
-            if os.WIFSIGNALED(status):
-                return f"was killed by signal {os.WTERMSIG(status)}"
-            return f"exited with status {os.waitstatus_to_exitcode(status)}"
+            return zygote.describe_exit(status)
         finally:
             os.close(self.pidfd)
 
@@ -313,13 +316,17 @@ def _find_catatonit(path: str | None) -> str:
 
 
 class ForkingHolderDriver:
-    """`HolderDriver` whose holders a small zygote process forks, many at a time."""
+    """`HolderDriver` whose holders a small zygote process spawns, many at a time.
+
+    `spawn_timeout`: the zygote serves one request at a time; one that answers nothing for
+    this long is hung, and is killed (its requests fail; the next spawn starts a new one).
+    """
 
     def __init__(self, *, catatonit: str | None = None, spawn_timeout: float = 10.0) -> None:
         """Locate catatonit now, so a missing package fails at startup, not per env."""
         self.catatonit = _find_catatonit(catatonit)
         self.spawn_timeout = spawn_timeout
-        self._zygote = _ZygoteClient(silence=spawn_timeout + _ZYGOTE_GRACE)
+        self._zygote = _ZygoteClient(silence=spawn_timeout)
         self._ids = itertools.count(1)
         # Stop the zygote when the driver is dropped, or at interpreter exit.
         weakref.finalize(self, self._zygote.close)
@@ -351,7 +358,7 @@ class ForkingHolderDriver:
     # ---------------------------------------------------------------- spawn
 
     def spawn(self, spec: HolderSpec) -> ProcessRef:
-        """Start the holder (detached: not our child) and return its identity."""
+        """Start the holder (the zygote's child, not ours) and return its identity."""
         result = self.spawn_many([spec])[0]
         if isinstance(result, KernelError):
             raise result
@@ -383,7 +390,7 @@ class ForkingHolderDriver:
         return results
 
     def _prepare(self, spec: HolderSpec) -> _Prepared:
-        """Open the fds the chain needs and encode the request; failures fork nothing."""
+        """Open the fds the zygote needs and encode the request; failures start nothing."""
         unknown = spec.namespaces - KNOWN_NAMESPACES
         if unknown:
             raise KernelError(
@@ -409,9 +416,6 @@ class ForkingHolderDriver:
             request = zygote.Request(
                 request_id=next(self._ids),
                 unshare_flags=zygote.unshare_flags(namespaces),
-                private_mounts="mnt" in namespaces,
-                mount_proc="mnt" in namespaces and "pid" in namespaces,
-                timeout=self.spawn_timeout,
                 catatonit=self.catatonit,
                 hostname=spec.hostname if "uts" in namespaces else None,
                 netns_path=spec.netns_path if "net" in namespaces else None,
@@ -436,8 +440,7 @@ class ForkingHolderDriver:
         ref = _identify(answer.pid)
         if not self.alive(ref):
             return KernelError(
-                f"{prefix}: the fork chain ended without a running holder "
-                f"(catatonit pid {ref.pid} exited at once); check dmesg"
+                f"{prefix}: catatonit (pid {ref.pid}) exited as soon as it started; check dmesg"
             )
         return ref
 
@@ -459,8 +462,8 @@ class ForkingHolderDriver:
         """SIGKILL every holder that `refs` still names, then wait for all with one deadline.
 
         As pid 1 of its pid namespace, a holder's death makes the kernel kill every process
-        in that namespace; it has exited only once they are all gone. It is not our child,
-        so init (or a subreaper) reaps it: an exited zombie counts as gone, and so does a
+        in that namespace; it has exited only once they are all gone. It is not our child
+        (the zygote, or init, reaps it): an exited zombie counts as gone, and so does a
         ref whose pid now has another start time (never signalled). Per ref: None when
         gone, else the KernelError.
         """
@@ -492,7 +495,9 @@ class ForkingHolderDriver:
         """The live holder of `spec`'s environment, when the inventory lost track of it.
 
         Proof of identity: it is a member of the env's cgroup (ours by construction), runs
-        catatonit, and sits in the env's pinned netns (device and inode of the pin).
+        catatonit, and sits in the env's pinned netns (device and inode of the pin). The
+        zygote passes through the env's cgroup while it spawns a holder; it runs python,
+        so it never passes for one.
         """
         try:
             pin = os.stat(spec.netns_path)

@@ -297,6 +297,10 @@ class FirewallDriver(Protocol):
         """Bridge ports isolated; returns the changes."""
         ...
 
+    def close(self) -> None:
+        """Release the nftables context; idempotent."""
+        ...
+
 
 # --------------------------------------------------------------------------- holder
 

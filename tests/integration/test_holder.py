@@ -1,11 +1,12 @@
 """The per-environment holder, checked through the kernel's own view (/proc, cgroup files,
-`nsenter`), never through the driver's claims.
+`nsenter`, `ss`), never through the driver's claims.
 
 Each test makes the envs it needs (`make_env`: a pinned netns `ip netns add
 <instance>-<env>` and a throwaway v1 cgroup, pids + memory) and removes them. The holder
-is not our child, so "gone" means: no /proc entry, or a zombie waiting for init to reap
-it. The driver's zygote *is* our child (by design): tests find it by `driver.zygote_pid`
-and check that it is reaped and replaced as promised.
+is not our child but the zygote's, so "gone" means: no /proc entry, or a zombie waiting
+for the zygote (or init) to reap it. The driver's zygote *is* our child (by design): tests
+find it by `driver.zygote_pid` and check that it is reaped and replaced as promised, that
+it reaps its holders, and that it steps back out of every env it spawns a holder in.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from pathlib import Path
 import pytest
 
 from reconciler.errors import KernelError
+from reconciler.kernel import holder, zygote
 from reconciler.kernel.holder import ForkingHolderDriver
 from reconciler.kernel.types import HolderSpec, ProcessRef
 from tests import kernel_view
@@ -51,8 +53,13 @@ def _status(pid: int, key: str) -> list[str]:
     raise AssertionError(f"/proc/{pid}/status has no {key} line")
 
 
+def _stat(pid: int | str) -> list[str]:
+    """/proc/PID/stat after the command name: [state, ppid, pgrp, session, ...]."""
+    return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+
+
 def _start_time(pid: int) -> int:
-    return int(Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[19])
+    return int(_stat(pid)[19])
 
 
 def _ns(pid: int | str, name: str) -> tuple[int, int]:
@@ -78,9 +85,39 @@ def _children() -> set[int]:
     return {p for p in pids if kernel_view.pid_alive(p)}
 
 
-def _chain_children(driver: ForkingHolderDriver) -> set[int]:
-    """Our live children other than the driver's zygote (which is ours by design)."""
-    return _children() - {driver.zygote_pid or 0}
+def _zombie_children(parent: int) -> set[int]:
+    """Exited, unreaped children of `parent`, from every /proc/PID/stat."""
+    zombies: set[int] = set()
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(FileNotFoundError, ProcessLookupError):
+                state, ppid = _stat(entry.name)[:2]
+                if state == "Z" and int(ppid) == parent:
+                    zombies.add(int(entry.name))
+    return zombies
+
+
+NS_LINKS = ("net", "uts", "ipc", "mnt", "pid", "pid_for_children")
+
+
+def _whereabouts(pid: int) -> tuple[dict[str, tuple[int, int]], str, str]:
+    """Where a process is: its namespaces (incl. those of its next children), its cgroups
+    (/proc/PID/cgroup), its hostname."""
+    return (
+        {name: _ns(pid, name) for name in NS_LINKS},
+        Path(f"/proc/{pid}/cgroup").read_text(),
+        _hostname_of(pid),
+    )
+
+
+def _queued_bytes(zygote: int) -> int:
+    """Bytes waiting in the zygote's end of its socket (fd 3), as `ss` shows them."""
+    inode = os.readlink(f"/proc/{zygote}/fd/3").removeprefix("socket:[").removesuffix("]")
+    for line in kernel_view.run(["ss", "-xaHn"]).stdout.splitlines():
+        fields = line.split()  # netid state recv-q send-q local inode peer inode
+        if len(fields) >= 6 and fields[5] == inode:
+            return int(fields[2])
+    raise AssertionError(f"ss does not show the zygote's socket {inode}")
 
 
 # --------------------------------------------------------------------------- fixtures
@@ -222,12 +259,14 @@ def test_holder_is_pid_1_of_its_pid_namespace_and_not_our_child(spawned: Process
     assert spawned.pid not in _children()
 
 
-def test_holder_is_not_a_child_of_the_zygote_either(
+def test_holder_is_the_zygotes_child_in_a_session_of_its_own(
     driver: ForkingHolderDriver, spawned: ProcessRef
 ) -> None:
     zygote = driver.zygote_pid
     assert zygote is not None
-    assert int(_status(spawned.pid, "PPid")[0]) != zygote
+    _, ppid, pgrp, session = _stat(spawned.pid)[:4]
+    assert int(ppid) == zygote
+    assert int(pgrp) == int(session) == spawned.pid
     assert int(_status(zygote, "PPid")[0]) == os.getpid()
 
 
@@ -249,10 +288,16 @@ def test_holder_has_env_hostname_and_own_proc(spawned: ProcessRef) -> None:
     )
     assert uts.stdout.strip() == "envhost"
     assert socket.gethostname() == host_before
-    # /proc inside the env is mounted for the env's pid namespace: it shows a process's
-    # pid there only (one level), and that pid is not 1 (the holder is).
+    assert _env_proc_nspid(spawned.pid) > 1
+
+
+def _env_proc_nspid(holder: int) -> int:
+    """The pid a process inside the env sees for itself in the env's /proc.
+
+    /proc inside the env is mounted for the env's pid namespace: it shows a process's pid
+    there only (one level), and that pid is not 1 (the holder is)."""
     inner = subprocess.run(
-        ["nsenter", "-t", pid, "-p", "-m", "cat", "/proc/self/status"],
+        ["nsenter", "-t", str(holder), "-p", "-m", "cat", "/proc/self/status"],
         capture_output=True,
         text=True,
         check=True,
@@ -260,8 +305,8 @@ def test_holder_has_env_hostname_and_own_proc(spawned: ProcessRef) -> None:
     nspid = next(
         line.split()[1:] for line in inner.stdout.splitlines() if line.startswith("NSpid:")
     )
-    assert len(nspid) == 1
-    assert int(nspid[-1]) > 1
+    assert len(nspid) == 1, nspid
+    return int(nspid[0])
 
 
 def test_holder_is_detached_from_our_stdio_and_fds(spawned: ProcessRef) -> None:
@@ -271,6 +316,14 @@ def test_holder_is_detached_from_our_stdio_and_fds(spawned: ProcessRef) -> None:
         assert targets.pop(fd) == "/dev/null"
     # catatonit opens its own signalfd; nothing of ours (pipes, pins, cgroup files) leaks.
     assert all(t.startswith("anon_inode:") for t in targets.values()), targets
+
+
+def test_holder_starts_clean(spawned: ProcessRef) -> None:
+    # An empty environment, no signal ignored (catatonit blocks what it reads through its
+    # signalfd, so the mask is its own), and a cwd that pins none of our directories.
+    assert Path(f"/proc/{spawned.pid}/environ").read_bytes() == b""
+    assert int(_status(spawned.pid, "SigIgn")[0], 16) == 0
+    assert os.readlink(f"/proc/{spawned.pid}/cwd") == "/"
 
 
 def test_alive_and_holder_namespaces(driver: ForkingHolderDriver, spawned: ProcessRef) -> None:
@@ -396,7 +449,8 @@ def test_a_pin_that_is_not_a_netns_fails_in_setns_and_leaks_nothing(
 ) -> None:
     not_a_netns = tmp_path / "plain-file"
     not_a_netns.write_text("")
-    before = _chain_children(driver)
+    driver.start()  # the zygote is our child by design: count it before
+    before = _children()
     spec = HolderSpec(
         env="h1",
         netns_path=str(not_a_netns),
@@ -406,8 +460,10 @@ def test_a_pin_that_is_not_a_netns_fails_in_setns_and_leaks_nothing(
     )
     with pytest.raises(KernelError, match=r"holder for env h1 failed: setns .*: EINVAL"):
         driver.spawn(spec)
-    assert _chain_children(driver) == before
+    assert _children() == before
     assert env_kernel.cgroup_pids() == set()
+    assert driver.zygote_pid is not None
+    assert _zombie_children(driver.zygote_pid) == set()
 
 
 def test_exec_failure_in_the_holder_is_reported_and_leaves_nothing(
@@ -454,19 +510,6 @@ def _hostname_of(pid: int) -> str:
     ).stdout.strip()
 
 
-def _stuck_cgroup_file(tmp_path: Path) -> tuple[str, int, int]:
-    """A FIFO posing as a cgroup.procs file whose pipe is full: a chain writing its pid
-    there blocks (interruptibly) until killed. Returns (path, read fd, write fd)."""
-    fifo = tmp_path / "stuck.procs"
-    os.mkfifo(fifo)
-    read_fd = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)
-    write_fd = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
-    with contextlib.suppress(BlockingIOError):
-        while True:
-            os.write(write_fd, b"x" * 65536)
-    return str(fifo), read_fd, write_fd
-
-
 def test_spawn_many_gives_each_env_its_own_holder(
     driver: ForkingHolderDriver, make_env: MakeEnv
 ) -> None:
@@ -486,7 +529,7 @@ def test_spawn_many_gives_each_env_its_own_holder(
             for procs in env.procs_files:
                 assert ref.pid in {int(p) for p in Path(procs).read_text().split()}
             assert _hostname_of(ref.pid) == f"host-{env.name}"
-            assert int(_status(ref.pid, "PPid")[0]) not in (os.getpid(), driver.zygote_pid)
+            assert int(_status(ref.pid, "PPid")[0]) == driver.zygote_pid
             assert ref.pid not in _children()
     finally:
         assert driver.stop_many(refs) == [None] * len(refs)
@@ -517,7 +560,7 @@ def test_spawn_many_one_failing_env_fails_alone(
         )
         ok = [results[i] for i in (0, 2, 4, 5)]
         assert all(isinstance(r, ProcessRef) and driver.alive(r) for r in ok), results
-        # The failed chain left nothing in the cgroup it had joined before setns failed.
+        # The failed setns came before any cgroup was joined: nothing else is in there.
         assert {r.pid for r in ok if isinstance(r, ProcessRef)} == set().union(
             *(env.cgroup_pids() for env in envs)
         )
@@ -525,51 +568,68 @@ def test_spawn_many_one_failing_env_fails_alone(
         driver.stop_many([r for r in results if isinstance(r, ProcessRef)])
 
 
-def test_a_chain_past_its_timeout_is_killed_and_reported(make_env: MakeEnv, tmp_path: Path) -> None:
-    env = make_env("slow")
-    stuck, *pipe_fds = _stuck_cgroup_file(tmp_path)
-    spec = replace(env.spec(), cgroup_procs=(*env.procs_files, stuck))
-    try:
-        with ForkingHolderDriver(spawn_timeout=0.5) as driver:
-            with pytest.raises(
-                KernelError, match=r"^holder for env slow failed: catatonit did not start within "
-            ):
-                driver.spawn(spec)
-            # The intermediate had joined the env's cgroup before it blocked: killed.
-            wait_until(lambda: not env.cgroup_pids(), 5.0, message="the chain was not killed")
-            # The zygote lives on and serves the next request.
-            ref = driver.spawn(env.spec())
-            driver.stop(ref)
-    finally:
-        _close_fds(pipe_fds)
+def test_a_cgroup_file_outside_any_cgroup_hierarchy_is_refused(
+    driver: ForkingHolderDriver, env_kernel: EnvKernel, tmp_path: Path
+) -> None:
+    # The zygote joins the env's cgroups itself; it only joins what it can leave again.
+    driver.start()
+    zygote = driver.zygote_pid
+    assert zygote is not None
+    home = _whereabouts(zygote)
+    fake = tmp_path / "cgroup.procs"
+    fake.write_text("")
+    spec = replace(env_kernel.spec(), cgroup_procs=(*env_kernel.procs_files, str(fake)))
+    with pytest.raises(
+        KernelError,
+        match=r"^holder for env h1 failed: join cgroup .*/cgroup.procs: not a cgroup.procs "
+        "file of a hierarchy the holder zygote is in",
+    ):
+        driver.spawn(spec)
+    assert fake.read_text() == ""
+    assert env_kernel.cgroup_pids() == set()
+    assert _whereabouts(zygote) == home
+
+
+def test_a_hung_zygote_is_killed_and_replaced(env_kernel: EnvKernel) -> None:
+    with ForkingHolderDriver(spawn_timeout=0.5) as driver:
+        driver.start()
+        zygote = driver.zygote_pid
+        assert zygote is not None
+        os.kill(zygote, signal.SIGSTOP)  # our own unreaped child: certainly the zygote
+        with pytest.raises(
+            KernelError,
+            match=rf"^holder for env h1 failed: the holder zygote \(pid {zygote}\) did not "
+            r"answer within 0.5s and was killed \(was killed by signal 9\); the next spawn "
+            "starts a new one$",
+        ):
+            driver.spawn(env_kernel.spec())
+        assert zygote not in _children()  # killed and reaped
+        ref = driver.spawn(env_kernel.spec())
+        assert driver.zygote_pid not in (None, zygote)
+        driver.stop(ref)
 
 
 def test_a_dead_zygote_fails_its_requests_and_is_restarted(
-    driver: ForkingHolderDriver, env_kernel: EnvKernel, tmp_path: Path
+    driver: ForkingHolderDriver, env_kernel: EnvKernel
 ) -> None:
-    stuck, *pipe_fds = _stuck_cgroup_file(tmp_path)
-    spec = replace(env_kernel.spec(), cgroup_procs=(*env_kernel.procs_files, stuck))
-    try:
-        with ThreadPoolExecutor(max_workers=1) as pool:
-            pending = pool.submit(driver.spawn_many, [spec])
-            # The chain is in flight once its intermediate has joined the env's cgroup.
-            wait_until(env_kernel.cgroup_pids, 5.0, message="the chain did not start")
-            zygote = driver.zygote_pid
-            assert zygote is not None
-            # Our own child, not yet reaped (the driver waits on it): certainly the zygote.
-            os.kill(zygote, signal.SIGKILL)
-            [result] = pending.result(timeout=10)
-        assert isinstance(result, KernelError)
-        assert re.fullmatch(
-            rf"holder for env h1 failed: the holder zygote \(pid {zygote}\) was killed by "
-            r"signal 9; the next spawn starts a new one",
-            str(result),
-        )
-        assert zygote not in _children()
-        # Its chain died with it (parent-death signal), and left nothing behind.
-        wait_until(lambda: not env_kernel.cgroup_pids(), 5.0, message="the chain survived")
-    finally:
-        _close_fds(pipe_fds)
+    driver.start()
+    zygote = driver.zygote_pid
+    assert zygote is not None
+    # Stopped, it cannot take the request: it waits in its socket until the zygote dies.
+    os.kill(zygote, signal.SIGSTOP)  # our own unreaped child: certainly the zygote
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        pending = pool.submit(driver.spawn_many, [env_kernel.spec()])
+        wait_until(lambda: _queued_bytes(zygote) > 0, 5.0, message="the request was not sent")
+        os.kill(zygote, signal.SIGKILL)
+        [result] = pending.result(timeout=10)
+    assert isinstance(result, KernelError)
+    assert re.fullmatch(
+        rf"holder for env h1 failed: the holder zygote \(pid {zygote}\) was killed by "
+        r"signal 9; the next spawn starts a new one",
+        str(result),
+    )
+    assert zygote not in _children()
+    assert env_kernel.cgroup_pids() == set()
     ref = driver.spawn(env_kernel.spec())
     assert driver.zygote_pid not in (None, zygote)
     driver.stop(ref)
@@ -662,6 +722,111 @@ def test_spawn_many_of_nothing_starts_nothing(driver: ForkingHolderDriver) -> No
     assert driver.zygote_pid is None
 
 
-def _close_fds(fds: list[int]) -> None:
-    for fd in fds:
-        os.close(fd)
+# --------------------------------------------------------------------------- the zygote steps back
+
+
+def test_consecutive_pid_namespaces_are_never_nested(
+    driver: ForkingHolderDriver, make_env: MakeEnv, tmp_path: Path
+) -> None:
+    # Each new pid ns is a child of ours, whatever came before it: a holder, a net-only
+    # holder (no new pid ns), a request that failed after its unshare (exec), and again.
+    envs = [make_env(f"n{i}") for i in range(4)]
+    net_only = frozenset({"net"})
+    specs = [envs[0].spec(), envs[1].spec(namespaces=net_only), envs[2].spec(), envs[3].spec()]
+    first = driver.spawn_many(specs)
+    broken = tmp_path / "catatonit"
+    broken.write_bytes(b"#!/nonexistent/interpreter\n")
+    broken.chmod(0o755)
+    with ForkingHolderDriver(catatonit=str(broken)) as failing:
+        [failed] = failing.spawn_many([envs[0].spec()])
+    last = driver.spawn_many([envs[0].spec(), envs[1].spec()])
+    refs = [r for r in (*first, *last) if isinstance(r, ProcessRef)]
+    assert len(refs) == len(specs) + len(last), (first, last)
+    assert isinstance(failed, KernelError)
+    own = _status(os.getpid(), "NSpid")
+    try:
+        for ref, spec in zip(refs, (*specs, envs[0].spec(), envs[1].spec()), strict=True):
+            nspid = _status(ref.pid, "NSpid")
+            if "pid" in spec.namespaces:
+                assert (len(nspid), nspid[-1]) == (len(own) + 1, "1"), nspid
+            else:
+                assert len(nspid) == len(own)
+                assert _ns(ref.pid, "pid") == _ns("self", "pid")
+    finally:
+        driver.stop_many(refs)
+
+
+def test_the_zygote_is_back_home_after_a_batch(
+    driver: ForkingHolderDriver, make_env: MakeEnv, tmp_path: Path
+) -> None:
+    envs = [make_env(f"b{i}") for i in range(3)]
+    driver.start()
+    zygote = driver.zygote_pid
+    assert zygote is not None
+    home = _whereabouts(zygote)
+    not_a_netns = tmp_path / "plain-file"
+    not_a_netns.write_text("")
+    specs = [
+        envs[0].spec(hostname="b0"),
+        envs[1].spec(namespaces=frozenset({"net"})),
+        envs[2].spec(namespaces=frozenset({"net", "uts", "mnt"}), hostname="b2"),
+        replace(envs[0].spec(), env="notns", netns_path=str(not_a_netns)),
+        envs[0].spec(namespaces=frozenset({"net", "pid", "ipc"})),
+    ]
+    results = driver.spawn_many(specs)
+    refs = [r for r in results if isinstance(r, ProcessRef)]
+    try:
+        assert len(refs) == 4 and isinstance(results[3], KernelError), results
+        assert _whereabouts(zygote) == home
+        assert zygote not in set().union(*(env.cgroup_pids() for env in envs))
+        assert {r.pid for r in refs} == set().union(*(env.cgroup_pids() for env in envs))
+    finally:
+        driver.stop_many(refs)
+
+
+def test_the_zygote_reaps_holders_that_exit(driver: ForkingHolderDriver, make_env: MakeEnv) -> None:
+    envs = [make_env(f"r{i}") for i in range(6)]
+    results = driver.spawn_many([env.spec() for env in envs])
+    refs = [r for r in results if isinstance(r, ProcessRef)]
+    assert len(refs) == len(envs), results
+    zygote = driver.zygote_pid
+    assert zygote is not None
+    assert {int(_status(r.pid, "PPid")[0]) for r in refs} == {zygote}
+    # Killed from outside (not by the driver), one by one, while the zygote idles.
+    for ref in refs[:3]:
+        os.kill(ref.pid, signal.SIGKILL)  # its parent has not reaped it: it is the holder
+    wait_until(lambda: all(_gone(r.pid, r.start_time) for r in refs[:3]), 5.0, message="alive")
+    wait_until(lambda: not _zombie_children(zygote), 5.0, message="zombie holders")
+    assert driver.stop_many(refs[3:]) == [None] * 3
+    wait_until(lambda: not _zombie_children(zygote), 5.0, message="zombie holders")
+    assert zygote in _children()
+
+
+def test_holders_outlive_the_zygote(env_kernel: EnvKernel) -> None:
+    with ForkingHolderDriver() as driver:
+        ref = driver.spawn(env_kernel.spec())
+        zygote = driver.zygote_pid
+        assert zygote is not None
+        driver.close()
+        try:
+            assert driver.alive(ref)
+            assert int(_status(ref.pid, "PPid")[0]) not in (zygote, os.getpid())
+        finally:
+            driver.stop(ref)
+
+
+def test_proc_mounted_by_a_helper_where_the_kernel_lacks_pidns(
+    monkeypatch: pytest.MonkeyPatch, env_kernel: EnvKernel
+) -> None:
+    # The fallback for kernels without proc's `pidns=` (before 6.17): mount(8), born in
+    # the env's pid namespace, mounts it. Forced here: this kernel may well have pidns=.
+    monkeypatch.setattr(holder, "_ZYGOTE_OPTIONS", (zygote.OPTION_PROC_BY_HELPER,))
+    with ForkingHolderDriver() as driver:
+        ref = driver.spawn(env_kernel.spec())
+        try:
+            assert _env_proc_nspid(ref.pid) > 1
+            assert env_kernel.cgroup_pids() == {ref.pid}  # the helper is gone
+            assert driver.zygote_pid is not None
+            assert _zombie_children(driver.zygote_pid) == set()
+        finally:
+            driver.stop(ref)

@@ -1,11 +1,11 @@
-"""The holder zygote's wire format and chain outcomes (pure; no root, no kernel objects),
-and the promise that keeps its start cheap: it imports nothing but a few stdlib modules.
+"""The holder zygote's wire format, how it finds its own cgroups, how it says it ended
+(pure; no root, no kernel objects), and the promise that keeps its start cheap: it
+imports nothing but a few stdlib modules.
 """
 
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -20,11 +20,12 @@ from reconciler.kernel.zygote import (
     Answer,
     ProtocolError,
     Request,
-    chain_answer,
     decode_answer,
     decode_request,
+    describe_exit,
     encode_answer,
     encode_request,
+    parse_cgroup_homes,
     unshare_flags,
 )
 
@@ -33,9 +34,6 @@ def _request(**changes: Any) -> Request:
     request = Request(
         request_id=7,
         unshare_flags=unshare_flags({"uts", "ipc", "mnt", "pid"}),
-        private_mounts=True,
-        mount_proc=True,
-        timeout=2.5,
         catatonit="/usr/bin/catatonit",
         hostname="web-1",
         netns_path="/run/netns/rt12345678-web",
@@ -55,8 +53,8 @@ def _request(**changes: Any) -> Request:
     [
         {},
         {"hostname": None, "netns_path": None, "cgroup_procs": ()},
-        {"private_mounts": False, "mount_proc": False, "unshare_flags": 0},
-        {"netns_path": "/run/netns/with space and ünïcode", "timeout": 0.1},
+        {"hostname": None, "unshare_flags": 0},
+        {"netns_path": "/run/netns/with space and ünïcode"},
         {"request_id": 2**40, "cgroup_procs": tuple(f"/c/{i}/cgroup.procs" for i in range(9))},
     ],
 )
@@ -87,6 +85,10 @@ def test_unshare_flags_create_everything_but_net() -> None:
         ({"netns_path": ""}, "spelled None"),
         ({"cgroup_procs": tuple(f"/c/{i}" for i in range(MAX_FDS))}, "fds in one request"),
         ({"cgroup_procs": ("/" + "x" * MAX_MESSAGE,)}, "bytes; at most"),
+        # The zygote sets the hostname in itself: outside a new uts that is the host's.
+        ({"unshare_flags": zygote.CLONE_NEWNS}, "a hostname needs a new uts namespace"),
+        ({"unshare_flags": zygote.CLONE_NEWNET}, "name no known namespace"),
+        ({"unshare_flags": -1}, "name no known namespace"),
     ],
 )
 def test_encode_refuses_what_cannot_travel(changes: dict[str, Any], match: str) -> None:
@@ -99,10 +101,11 @@ def test_encode_refuses_what_cannot_travel(changes: dict[str, Any], match: str) 
     [
         b"",
         b"A1\x007\x001234\x00",  # an answer is not a request
-        b"R1\x007\x000\x001\x001",  # too few fields
-        b"R1\x00seven\x000\x001\x001\x002.5\x00/cat\x00\x00\x00",
-        b"R1\x007\x000\x00yes\x001\x002.5\x00/cat\x00\x00\x00",
-        b"R1\x007\x000\x001\x001\x00soon\x00/cat\x00\x00\x00",
+        b"R2\x007\x000\x00/cat\x00",  # too few fields
+        b"R1\x007\x000\x00/cat\x00\x00\x00",  # the fork chain's version
+        b"R2\x00seven\x000\x00/cat\x00\x00\x00",
+        b"R2\x007\x00uts\x00/cat\x00\x00\x00",
+        b"R2\x007\x000\x00/cat\x00host\x00\x00",  # a hostname without a new uts
     ],
 )
 def test_decode_refuses_malformed_requests(data: bytes) -> None:
@@ -113,7 +116,7 @@ def test_decode_refuses_malformed_requests(data: bytes) -> None:
 def test_requests_are_immutable_values() -> None:
     request = _request()
     with pytest.raises(AttributeError):
-        request.timeout = 1.0  # type: ignore[misc]
+        request.hostname = "other"  # type: ignore[misc]
     assert request == _request()
     assert request != _request(request_id=8)
     assert "request_id=7" in repr(request)
@@ -149,40 +152,52 @@ def test_decode_refuses_malformed_answers(data: bytes) -> None:
         decode_answer(data)
 
 
-# --------------------------------------------------------------------------- chain outcomes
+# --------------------------------------------------------------------------- how it ends
 
 
-def _exited(code: int) -> int:
-    return code << 8  # a wait status, as waitpid returns it
-
-
-def test_a_reported_holder_is_the_answer() -> None:
-    answer = chain_answer(_request(), output=b"P4321\n", status=_exited(0))
-    assert answer == Answer(request_id=7, pid=4321, error=None)
-
-
-def test_the_first_failure_wins_even_after_the_holder_was_reported() -> None:
-    output = b"P4321\nEexec /usr/bin/catatonit: ENOEXEC (Exec format error)\nEsecond\n"
-    answer = chain_answer(_request(), output=output, status=_exited(0))
-    assert answer == Answer(7, 0, "exec /usr/bin/catatonit: ENOEXEC (Exec format error)")
-
-
-def test_a_chain_that_says_nothing_is_described_by_its_exit() -> None:
-    answer = chain_answer(_request(), output=b"", status=signal.SIGKILL)
-    assert answer.error == (
-        "the fork chain ended without a running holder "
-        "(intermediate process killed by signal 9); check dmesg"
+def test_the_zygote_says_how_it_ended() -> None:
+    assert describe_exit(9) == "was killed by signal 9"
+    assert describe_exit(1 << 8) == "exited with status 1"
+    assert describe_exit(zygote.EXIT_STRANDED << 8) == (
+        "could not return to its own namespaces or cgroups after a spawn, and exited"
     )
-    answer = chain_answer(_request(), output=b"", status=_exited(127))
-    assert answer.error is not None
-    assert "intermediate process exited with status 127" in answer.error
 
 
-def test_a_chain_killed_on_timeout_says_so() -> None:
-    answer = chain_answer(_request(timeout=2.5), output=b"P4321\n", status=None)
-    assert answer == Answer(
-        7, 0, "catatonit did not start within 2.5s; check the host's load and dmesg"
+# --------------------------------------------------------------------------- its own cgroups
+
+MOUNTINFO = """\
+31 23 0:28 / /sys/fs/cgroup rw,relatime - tmpfs tmpfs rw,mode=755
+32 31 0:29 / /sys/fs/cgroup/cpu,cpuacct rw,relatime shared:9 - cgroup cgroup rw,cpu,cpuacct
+35 31 0:32 / /sys/fs/cgroup/memory rw,relatime - cgroup cgroup rw,memory
+36 31 0:33 /outer /mnt/with\\040space rw - cgroup cgroup rw,pids
+40 31 0:37 / /sys/fs/cgroup/systemd rw,relatime - cgroup cgroup rw,xattr,name=systemd
+41 31 0:38 / /sys/fs/cgroup/unified rw,relatime - cgroup2 cgroup2 rw,nsdelegate
+"""
+
+
+def test_own_cgroups_are_found_per_hierarchy() -> None:
+    cgroup = (
+        "9:name=systemd:/\n"
+        "8:pids:/outer/inner\n"
+        "4:memory:/process_api/f2b6\n"
+        "2:cpu,cpuacct:/\n"
+        "1:freezer:/not-mounted\n"
+        "0::/\n"
     )
+    assert parse_cgroup_homes(cgroup, MOUNTINFO) == [
+        "/sys/fs/cgroup/systemd/cgroup.procs",
+        "/mnt/with space/inner/cgroup.procs",
+        "/sys/fs/cgroup/memory/process_api/f2b6/cgroup.procs",
+        "/sys/fs/cgroup/cpu,cpuacct/cgroup.procs",
+        "/sys/fs/cgroup/unified/cgroup.procs",
+    ]
+
+
+def test_a_cgroup_outside_the_mounted_root_has_no_home() -> None:
+    # The pids hierarchy is mounted from /outer: a cgroup beside it cannot be reached.
+    assert parse_cgroup_homes("8:pids:/outerwear\n8:pids:/\n", MOUNTINFO) == []
+    assert parse_cgroup_homes("", MOUNTINFO) == []
+    assert parse_cgroup_homes("garbage\n", "") == []
 
 
 # --------------------------------------------------------------------------- self-contained
