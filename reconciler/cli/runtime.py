@@ -88,9 +88,11 @@ class Runtime:
         return self._drivers
 
     def close(self) -> None:
-        """Release sockets."""
+        """Release sockets, the nftables context and the holders' forker process."""
         if self._drivers is not None:
             self._drivers.network.close()
+            self._drivers.firewall.close()
+            self._drivers.holders.close()
 
     def load_manifests(self, paths: list[Path] | None = None) -> LoadResult:
         """Load and cross-check manifests (default: the manifests directory)."""

@@ -284,6 +284,9 @@ class Applier:
         thousands of round trips; an env that fails a stage is reported and skipped by
         the later ones, the others carry on.
         """
+        if not changes:
+            return
+        self.drivers.holders.start()  # the forker boots while cgroups and links are made
         work: dict[str, _EnvWork] = {}
         for change in changes:
             failures = self._failures_before(change)

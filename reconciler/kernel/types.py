@@ -343,6 +343,10 @@ class HolderDriver(Protocol):
         the error that stopped it."""
         ...
 
+    def start(self) -> None:
+        """Get ready to spawn (boot the forker now, so it overlaps other work)."""
+        ...
+
     def close(self) -> None:
         """Release what spawning keeps (the forker process); idempotent."""
         ...
