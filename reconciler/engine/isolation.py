@@ -9,6 +9,7 @@ come up gets none. Rendering and applying are `reconciler.kernel.nftrules` / `fi
 from __future__ import annotations
 
 import ipaddress
+import json
 from collections.abc import Iterable
 
 from reconciler.kernel.nftrules import Allow, IsolationSpec, Member, NetworkRules
@@ -58,6 +59,23 @@ def _member(env: str, record: EnvironmentRecord, *, network_name: str) -> Member
 
 
 def _ingress(env: str, record: EnvironmentRecord) -> list[Allow]:
+    key = (env, json.dumps(record.spec, sort_keys=True, default=str))
+    rules = _INGRESS.get(key)
+    if rules is None:
+        rules = _parse_ingress(env, record)
+        if len(_INGRESS) >= _INGRESS_MAX:
+            _INGRESS.clear()
+        _INGRESS[key] = rules
+    return list(rules)
+
+
+# (env, spec as JSON) -> its ingress rules: every reconcile renders the isolation from
+# the whole inventory, and validating each record's spec again is most of that cost.
+_INGRESS: dict[tuple[str, str], tuple[Allow, ...]] = {}
+_INGRESS_MAX = 4096
+
+
+def _parse_ingress(env: str, record: EnvironmentRecord) -> tuple[Allow, ...]:
     # Imported here: building the manifest models costs ~0.1 s, which a `destroy` of
     # everything (no environment left to render rules for) never needs.
     from pydantic import ValidationError
@@ -67,8 +85,8 @@ def _ingress(env: str, record: EnvironmentRecord) -> list[Allow]:
     try:
         spec = EnvironmentSpec.model_validate(record.spec)
     except ValidationError:
-        return []  # a record written by an older schema: no rules rather than no firewall
-    return [
+        return ()  # a record written by an older schema: no rules rather than no firewall
+    return tuple(
         Allow(
             dst_env=env,
             src_env=rule.from_.environment,
@@ -77,4 +95,4 @@ def _ingress(env: str, record: EnvironmentRecord) -> list[Allow]:
             protocol=rule.protocol,
         )
         for rule in spec.policy.ingress
-    ]
+    )

@@ -286,7 +286,7 @@ class NetlinkDriver:
     def _state(self, name: str, handle: _Handle) -> NetnsState:
         where = f"network namespace {name}"
         with _kernel_errors(f"dumping routes in {where}"):
-            defaults = _main_defaults(handle.sock.routes())
+            defaults = _main_defaults(handle.sock.routes(table=rtnl.RT_TABLE_MAIN))
         return NetnsState(
             name=name,
             inode=handle.identity.inode,
@@ -348,7 +348,7 @@ class NetlinkDriver:
         gateway = str(ipaddress.IPv4Address(gateway))
         changes: list[str] = []
         with _kernel_errors(f"dumping routes in {label}"):
-            defaults = _main_defaults(sock.routes())
+            defaults = _main_defaults(sock.routes(table=rtnl.RT_TABLE_MAIN))
         keep = [r for r in defaults if r.gateway == gateway and r.oif == oif]
         for route in defaults:
             if route in keep:

@@ -169,7 +169,46 @@ def load_file(path: Path, *, display: str, into: LoadResult) -> None:
         # (Deleting the file, or leaving a comment, is how a user empties it on purpose.)
         into.failed_files.add(display)
         return
-    load_text(text, display=display, into=into)
+    _load_text_cached(text, display=display, into=into)
+
+
+@dataclass(frozen=True)
+class _Parsed:
+    """What `load_text` found in one file's text."""
+
+    manifests: tuple[Located, ...]
+    errors: tuple[str, ...]
+    failed_files: frozenset[str]
+    failed_keys: frozenset[tuple[str, str]]
+
+
+# (display name, text) -> what it declared. What a file declares depends on its name and
+# its bytes only (cross-document rules run later, on every load), so a long-running
+# controller re-reads a file at each resync but parses and validates it only when it has
+# changed; keyed by content, the cache cannot be fooled by timestamps.
+_PARSED: dict[tuple[str, str], _Parsed] = {}
+_PARSED_MAX = 4096
+
+
+def _load_text_cached(text: str, *, display: str, into: LoadResult) -> None:
+    key = (display, text)
+    parsed = _PARSED.get(key)
+    if parsed is None:
+        fresh = LoadResult()
+        load_text(text, display=display, into=fresh)
+        parsed = _Parsed(
+            manifests=tuple(fresh.manifests),
+            errors=tuple(fresh.errors),
+            failed_files=frozenset(fresh.failed_files),
+            failed_keys=frozenset(fresh.failed_keys),
+        )
+        if len(_PARSED) >= _PARSED_MAX:
+            _PARSED.clear()
+        _PARSED[key] = parsed
+    into.manifests.extend(parsed.manifests)
+    into.errors.extend(parsed.errors)
+    into.failed_files.update(parsed.failed_files)
+    into.failed_keys.update(parsed.failed_keys)
 
 
 def _reason(exc: BaseException) -> str:
