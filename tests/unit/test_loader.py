@@ -14,6 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from reconciler.manifests.loader import LoadResult, compose, discover, load_paths, load_text
+from reconciler.manifests.models import EnvironmentSpec
 from tests.gates import unavailable
 from tests.unit.factories import CONTRACT_EXAMPLE, dump, env_doc, line_of, load_one, network_doc
 
@@ -463,3 +464,45 @@ def test_ordinary_manifests_are_composed_by_libyaml(monkeypatch: pytest.MonkeyPa
     for text in texts:
         result = load_one(text)
         assert result.errors == [] and result.manifests, text
+
+
+# --------------------------------------------------------------------------- parse cache
+
+
+def test_a_file_is_parsed_again_only_when_its_text_changes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from reconciler.manifests import loader
+
+    parsed: list[str] = []
+    real = loader.load_text
+
+    def counting(text: str, *, display: str, into: LoadResult) -> None:
+        parsed.append(display)
+        real(text, display=display, into=into)
+
+    monkeypatch.setattr(loader, "load_text", counting)
+    monkeypatch.setattr(loader, "_PARSED", {})
+    write(tmp_path, "env.yaml", dump(env_doc("web", resources={"memory": "64Mi"})))
+
+    first = load_paths([tmp_path])
+    second = load_paths([tmp_path])
+    assert parsed == ["env.yaml"]  # the second load reused the first parse
+    assert names(first) == names(second) == [("Environment", "web")]
+
+    write(tmp_path, "env.yaml", dump(env_doc("web", resources={"memory": "128Mi"})))
+    third = load_paths([tmp_path])
+    assert parsed == ["env.yaml", "env.yaml"]
+    (located,) = third.manifests
+    spec = located.manifest.spec
+    assert isinstance(spec, EnvironmentSpec) and spec.resources.memory == 128 * 1024 * 1024
+
+
+def test_identical_text_in_two_files_reports_each_file(tmp_path: Path) -> None:
+    broken = "apiVersion: reconciler/v1\nkind: Environment\nmetadata: {name: x}\nspec: {nope: 1}\n"
+    write(tmp_path, "a.yaml", broken)
+    write(tmp_path, "b.yaml", broken)
+    for _ in range(2):  # the second time from the cache
+        result = load_paths([tmp_path])
+        assert [e.split(":")[0] for e in result.errors] == ["a.yaml", "b.yaml"]
+        assert result.failed_files == {"a.yaml", "b.yaml"}
