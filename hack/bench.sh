@@ -9,7 +9,7 @@
 # inside hack/sandbox.sh: a private network + mount namespace, so every link, bridge and
 # netns it makes vanishes with it. cgroups are the host's: the benchmark only creates and
 # removes directories named after its own random tag, and checks after every trial that
-# none is left. Needs root, iproute2 and containernetworking-plugins (hack/setup.sh).
+# none is left. Needs root; runs hack/setup.sh first (iproute2, CNI plugins, the venv).
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -17,7 +17,9 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 # package is found through PYTHONPATH.
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 PYTHON="$ROOT/.venv/bin/python"
-[[ -x "$PYTHON" ]] || { echo "bench: no .venv: run hack/setup.sh first" >&2; exit 1; }
+# From a clean checkout too: setup installs what is missing (apt packages, the venv) and
+# takes a fraction of a second when everything is there.
+"$ROOT/hack/setup.sh" >&2
 for arg in "$@"; do
   if [[ "$arg" == "-h" || "$arg" == "--help" ]]; then exec "$PYTHON" -m hack.bench --help; fi
 done
