@@ -7,8 +7,8 @@ copied and no page is copied on write. Forking Python twice per env cost ~2 ms o
 mostly that copying; this costs a fraction of it. A child is born into the zygote's
 namespaces and cgroups, so the zygote enters them first, per request:
 
-    setns(env netns)                       the holder is born in the env's netns,
-    write own pid to each cgroup.procs     and in its cgroups: no instant outside them
+    write own pid to each cgroup.procs     the holder is born in the env's cgroups
+    setns(env netns)                       and netns: no instant outside them
     unshare(uts|ipc|mnt|pid)               new namespaces; a new pid ns applies to the
                                            zygote's children only: the holder is its pid 1
     sethostname                            (uts is new: never the host's name)
@@ -493,15 +493,18 @@ class Spawner:
             self._home_of(fd, path)
             for fd, path in zip(cgroup_fds, request.cgroup_procs, strict=True)
         ]
-        if request.netns_path is not None:
-            away.namespaces |= CLONE_NEWNET
-            _check(libc.setns(fds[0], CLONE_NEWNET), f"setns {request.netns_path}")
+        # Cgroups first, then the netns (and back in the other order): at no instant is
+        # the zygote inside an env's netns but outside its cgroup, which the policy loop
+        # would rightly take for a process escaping the env.
         for fd, path, home in zip(cgroup_fds, request.cgroup_procs, homes, strict=True):
             away.cgroups.append(home)
             try:
                 os.write(fd, self.home.pid)
             except OSError as e:
                 raise _Failed(f"join cgroup {path}: {_errno_text(e.errno or 0)}") from e
+        if request.netns_path is not None:
+            away.namespaces |= CLONE_NEWNET
+            _check(libc.setns(fds[0], CLONE_NEWNET), f"setns {request.netns_path}")
         flags = request.unshare_flags
         if flags:
             away.namespaces |= flags
