@@ -8,9 +8,10 @@ come up gets none. Rendering and applying are `reconciler.kernel.nftrules` / `fi
 
 from __future__ import annotations
 
+import copy
 import ipaddress
-import json
 from collections.abc import Iterable
+from typing import Any
 
 from reconciler.kernel.nftrules import Allow, IsolationSpec, Member, NetworkRules
 from reconciler.state.model import EnvironmentRecord, StateDocument
@@ -59,19 +60,20 @@ def _member(env: str, record: EnvironmentRecord, *, network_name: str) -> Member
 
 
 def _ingress(env: str, record: EnvironmentRecord) -> list[Allow]:
-    key = (env, json.dumps(record.spec, sort_keys=True, default=str))
-    rules = _INGRESS.get(key)
-    if rules is None:
-        rules = _parse_ingress(env, record)
-        if len(_INGRESS) >= _INGRESS_MAX:
-            _INGRESS.clear()
-        _INGRESS[key] = rules
+    cached = _INGRESS.get((env, record.spec_hash))
+    if cached is not None and cached[0] == record.spec:
+        return list(cached[1])
+    rules = _parse_ingress(env, record)
+    if len(_INGRESS) >= _INGRESS_MAX:
+        _INGRESS.clear()
+    _INGRESS[(env, record.spec_hash)] = (copy.deepcopy(record.spec), rules)
     return list(rules)
 
 
-# (env, spec as JSON) -> its ingress rules: every reconcile renders the isolation from
-# the whole inventory, and validating each record's spec again is most of that cost.
-_INGRESS: dict[tuple[str, str], tuple[Allow, ...]] = {}
+# (env, spec hash) -> (the spec, its ingress rules): every reconcile renders the isolation
+# from the whole inventory, and validating each record's spec again is most of that
+# cost. A hit needs the very same spec (compared whole: the hash only narrows the search).
+_INGRESS: dict[tuple[str, str], tuple[dict[str, Any], tuple[Allow, ...]]] = {}
 _INGRESS_MAX = 4096
 
 

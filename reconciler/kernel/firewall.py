@@ -62,6 +62,12 @@ class _InSync:
     spec: IsolationSpec
 
 
+# Per table name, what was last found in sync, for the whole process: the generation
+# carries the namespace's cookie, so a driver made anew (each CLI command run in one
+# process, a test) for the same namespace and spec knows it too.
+_IN_SYNC: dict[str, _InSync] = {}
+
+
 @dataclass(frozen=True)
 class _Comparison:
     """One look at the tables: the rendering, what is live, and what differs."""
@@ -88,7 +94,6 @@ class FirewallDriver:
         self._table = nftrules.table_name(instance)  # validates the instance name
         self._instance = instance
         self._nft: NftRunner = open_runner(backend=backend, nft=nft, timeout=timeout)
-        self._in_sync: _InSync | None = None
 
     @property
     def instance(self) -> str:
@@ -159,12 +164,15 @@ class FirewallDriver:
         listing makes the next call look again.
         """
         generation = libnft.generation()
-        if generation is not None and self._in_sync == _InSync(generation, spec):
+        if generation is not None and _IN_SYNC.get(self._table) == _InSync(generation, spec):
             return None
         ruleset = nftrules.render(spec)
         live = self.observe()
         changes = tuple(_differences(ruleset, live))
-        self._in_sync = None if generation is None or changes else _InSync(generation, spec)
+        if generation is None or changes:
+            _IN_SYNC.pop(self._table, None)
+        else:
+            _IN_SYNC[self._table] = _InSync(generation, spec)
         return _Comparison(ruleset=ruleset, live=live, changes=changes)
 
     def differences(self, spec: IsolationSpec) -> list[str]:
