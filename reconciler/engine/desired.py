@@ -98,7 +98,9 @@ def build_desired(result: LoadResult, *, resolve_device: DeviceResolver) -> Desi
         if isinstance(manifest, Network):
             networks[manifest.metadata.name] = _network(manifest, located)
         else:
-            environments[manifest.metadata.name] = _environment(manifest, located, resolve_device)
+            environments[manifest.metadata.name] = _cached_environment(
+                manifest, located, resolve_device
+            )
     return Desired(
         networks=networks,
         environments=environments,
@@ -106,6 +108,28 @@ def build_desired(result: LoadResult, *, resolve_device: DeviceResolver) -> Desi
         protected_files=frozenset(result.failed_files),
         complete=result.ok,
     )
+
+
+# id(located) -> (located, what it builds): the loader hands out the same `Located` for
+# an unchanged file (see `manifests.loader`), so a resync rebuilds only what changed.
+# The entry keeps `located` alive, so its id cannot be reused while cached. Envs with
+# I/O limits are not cached: their device numbers are resolved anew each time.
+_ENVIRONMENTS: dict[int, tuple[Located, DesiredEnvironment]] = {}
+_ENVIRONMENTS_MAX = 4096
+
+
+def _cached_environment(
+    manifest: Environment, located: Located, resolve_device: DeviceResolver
+) -> DesiredEnvironment:
+    cached = _ENVIRONMENTS.get(id(located))
+    if cached is not None and cached[0] is located:
+        return cached[1]
+    built = _environment(manifest, located, resolve_device)
+    if not manifest.spec.resources.io:
+        if len(_ENVIRONMENTS) >= _ENVIRONMENTS_MAX:
+            _ENVIRONMENTS.clear()
+        _ENVIRONMENTS[id(located)] = (located, built)
+    return built
 
 
 def _network(manifest: Network, located: Located) -> DesiredNetwork:

@@ -6,6 +6,7 @@ re-reads everything, so it never depends on what triggered it (level-triggered).
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import time
 from collections.abc import Mapping
@@ -88,6 +89,7 @@ def assign_addresses(
     return addresses, failures
 
 
+@functools.lru_cache(maxsize=8192)  # the same few hundred strings, every reconcile
 def _host(cidr: str | None) -> ipaddress.IPv4Address | None:
     if not cidr:
         return None

@@ -284,14 +284,14 @@ class NetlinkDriver:
             return sock.link(name)
 
     def _state(self, name: str, handle: _Handle) -> NetnsState:
-        where = f"network namespace {name}"
-        with _kernel_errors(f"dumping routes in {where}"):
-            defaults = _main_defaults(handle.sock.routes(table=rtnl.RT_TABLE_MAIN))
+        with _kernel_errors(f"dumping links, addresses and routes in network namespace {name}"):
+            links, addrs, routes = handle.sock.snapshot()
+        defaults = _main_defaults(routes)
         return NetnsState(
             name=name,
             inode=handle.identity.inode,
             dev=handle.identity.dev,
-            links=self._links(handle.sock, where),
+            links=_link_states(links, addrs),
             default_gateway=defaults[0].gateway if defaults else None,
         )
 

@@ -372,7 +372,10 @@ _LINK_KEYS = frozenset(
 
 
 def _link_info(value: memoryview) -> tuple[str | None, bool | None]:
-    """(kind, bridge port isolated) from IFLA_LINKINFO."""
+    """(kind, bridge port isolated) from IFLA_LINKINFO.
+
+    A bridge port's IFLA_INFO_SLAVE_DATA holds ~40 attributes: walked inline, and left
+    as soon as IFLA_BRPORT_ISOLATED is found."""
     kind = None
     isolated: bool | None = None
     for info_key, info in _attrs(value, 0):
@@ -380,9 +383,17 @@ def _link_info(value: memoryview) -> tuple[str | None, bool | None]:
             kind = _text(info)
         elif info_key == IFLA_INFO_SLAVE_DATA:
             isolated = False
-            for port_key, port in _attrs(info, 0):
-                if port_key == IFLA_BRPORT_ISOLATED and len(port):
-                    isolated = bool(port[0])
+            unpack = _RTA.unpack_from
+            end = len(info)
+            offset = 0
+            while offset + 4 <= end:
+                length, key = unpack(info, offset)
+                if length < 4 or offset + length > end:
+                    break
+                if key & _NLA_TYPE_MASK == IFLA_BRPORT_ISOLATED:
+                    isolated = length > 4 and bool(info[offset + 4])
+                    break
+                offset += (length + 3) & ~3
     return kind, isolated
 
 
@@ -425,6 +436,15 @@ def parse_route(payload: memoryview) -> Route | None:
 
 
 # --------------------------------------------------------------------------- socket
+
+
+_LINK_DUMP = _ifinfo() + attr(IFLA_EXT_MASK, _U32.pack(RTEXT_FILTER_SKIP_STATS))
+_ADDR_DUMP = _IFADDR.pack(socket.AF_INET, 0, 0, 0, 0)
+
+
+def _route_dump(table: int) -> bytes:
+    """An IPv4 route dump request, of one table when `table` (strict checking filters)."""
+    return _RTMSG.pack(socket.AF_INET, 0, 0, 0, table, 0, 0, 0, 0)
 
 
 def open_route_socket() -> int:
@@ -574,23 +594,29 @@ class Socket:
                 return found
         raise RtnlError(errno.EAGAIN, f"dump interrupted {_DUMP_ATTEMPTS} times in a row")
 
+    def snapshot(self) -> tuple[list[Link], list[Address], list[Route]]:
+        """Links, IPv4 addresses and main-table IPv4 routes: what an observer reads.
+
+        Three dumps in turn. (Sending them in one datagram does not save round trips:
+        the kernel keeps a dump running until its end is read, and refuses the next one
+        meanwhile with EBUSY.)
+        """
+        return self.links(), self.addresses(), self.routes(table=RT_TABLE_MAIN)
+
     def links(self) -> list[Link]:
         """Every link of the socket's namespace (no statistics)."""
-        body = _ifinfo() + attr(IFLA_EXT_MASK, _U32.pack(RTEXT_FILTER_SKIP_STATS))
-        return [parse_link(p) for p in self._dump(RTM_GETLINK, body, RTM_NEWLINK)]
+        return [parse_link(p) for p in self._dump(RTM_GETLINK, _LINK_DUMP, RTM_NEWLINK)]
 
     def addresses(self) -> list[Address]:
         """Every IPv4 address of the socket's namespace."""
-        body = _IFADDR.pack(socket.AF_INET, 0, 0, 0, 0)
-        found = (parse_address(p) for p in self._dump(RTM_GETADDR, body, RTM_NEWADDR))
+        found = (parse_address(p) for p in self._dump(RTM_GETADDR, _ADDR_DUMP, RTM_NEWADDR))
         return [a for a in found if a is not None]
 
     def routes(self, *, table: int = 0) -> list[Route]:
         """Every IPv4 route of the socket's namespace, of `table` only when given (the
         kernel filters: the socket asks for strict dump checking)."""
-        body = _RTMSG.pack(socket.AF_INET, 0, 0, 0, table, 0, 0, 0, 0)
         try:
-            payloads = self._dump(RTM_GETROUTE, body, RTM_NEWROUTE)
+            payloads = self._dump(RTM_GETROUTE, _route_dump(table), RTM_NEWROUTE)
         except RtnlError as exc:
             if table and exc.errno == errno.ENOENT:
                 return []  # the table does not exist (yet): a namespace with no routes

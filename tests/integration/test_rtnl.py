@@ -532,6 +532,26 @@ def test_default_routes_are_added_and_deleted_exactly(janitor: Janitor) -> None:
     assert inside.call(rtnl.del_default_route(metric50)) == errno.ESRCH
 
 
+def test_snapshot_is_links_addresses_and_main_routes(janitor: Janitor) -> None:
+    space, fd = janitor.netns("snap")
+    inside = janitor.socket(fd)
+    # A namespace fresh from `ip netns add` has no main table yet: no routes, no error.
+    links, addresses, routes = inside.snapshot()
+    assert [link.name for link in links] == ["lo"] and addresses == [] and routes == []
+
+    outer = janitor.name("s")
+    ip("link", "add", outer, "up", "type", "veth", "peer", "name", "eth0", "netns", space)
+    ip("link", "set", "eth0", "up", netns_name=space)
+    ip("addr", "add", "10.101.0.2/24", "dev", "eth0", netns_name=space)
+    ip("route", "add", "default", "via", "10.101.0.1", netns_name=space)
+    ip("route", "add", "10.9.9.0/24", "via", "10.101.0.1", "table", "1000", netns_name=space)
+    links, addresses, routes = inside.snapshot()
+    assert {stable(link) for link in links} == {stable(link) for link in inside.links()}
+    assert {(a.index, a.address, a.prefixlen) for a in addresses} == ip_addresses(space)
+    assert routes == [r for r in ip_routes(space) if r.table == 254]
+    assert any(r.is_main_default and r.gateway == "10.101.0.1" for r in routes)
+
+
 # --------------------------------------------------------------------------- namespaces ids
 
 
