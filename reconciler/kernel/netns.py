@@ -26,7 +26,7 @@ import contextlib
 import errno
 import fcntl
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from reconciler.kernel import nsutil, rtnl
@@ -132,6 +132,35 @@ def _open_inside(name: str) -> NetnsSocket | None:
         os.close(pin_fd)
 
 
+def _each_in_one_thread(
+    names: Sequence[str],
+    step: Callable[[str], NetnsSocket | None],
+    *,
+    thread: str,
+) -> dict[str, NetnsSocket | OSError]:
+    """Run `step(name)` for every name on one short-lived thread (each step may leave
+    the thread in another namespace; it is sent home at the end). None results are
+    left out; an OSError is that name's result, the others carry on."""
+
+    def visit() -> dict[str, NetnsSocket | OSError]:
+        found: dict[str, NetnsSocket | OSError] = {}
+        home_fd = os.open(_THREAD_NETNS, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            for name in names:
+                try:
+                    result = step(name)
+                except OSError as exc:
+                    found[name] = exc
+                    continue
+                if result is not None:
+                    found[name] = result
+        finally:
+            _return_home(home_fd)
+        return found
+
+    return nsutil.run_in_thread(visit, name=thread)
+
+
 def open_sockets(names: Sequence[str]) -> dict[str, NetnsSocket | OSError]:
     """A NETLINK_ROUTE socket inside each namespace pinned as one of `names`.
 
@@ -140,23 +169,7 @@ def open_sockets(names: Sequence[str]) -> dict[str, NetnsSocket | OSError]:
     not be entered maps to its OSError.
     """
 
-    def visit() -> dict[str, NetnsSocket | OSError]:
-        found: dict[str, NetnsSocket | OSError] = {}
-        home_fd = os.open(_THREAD_NETNS, os.O_RDONLY | os.O_CLOEXEC)
-        try:
-            for name in names:
-                try:
-                    opened = _open_inside(name)
-                except OSError as exc:
-                    found[name] = exc
-                    continue
-                if opened is not None:
-                    found[name] = opened
-        finally:
-            _return_home(home_fd)
-        return found
-
-    return nsutil.run_in_thread(visit, name="reconciler-netns-open")
+    return _each_in_one_thread(names, _open_inside, thread="reconciler-netns-open")
 
 
 def open_socket(name: str) -> NetnsSocket | None:
@@ -219,20 +232,7 @@ def create_pins(names: Sequence[str]) -> dict[str, NetnsSocket | OSError]:
     """
     ensure_run_dir()
 
-    def make() -> dict[str, NetnsSocket | OSError]:
-        made: dict[str, NetnsSocket | OSError] = {}
-        home_fd = os.open(_THREAD_NETNS, os.O_RDONLY | os.O_CLOEXEC)
-        try:
-            for name in names:
-                try:
-                    made[name] = _create_inside(name)
-                except OSError as exc:
-                    made[name] = exc
-        finally:
-            _return_home(home_fd)
-        return made
-
-    return nsutil.run_in_thread(make, name="reconciler-netns-create")
+    return _each_in_one_thread(names, _create_inside, thread="reconciler-netns-create")
 
 
 def create_pin(name: str) -> NetnsSocket:
