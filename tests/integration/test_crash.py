@@ -291,7 +291,7 @@ def test_orphans_carrying_our_proof_are_collected_and_nothing_else(crash: Contro
         kernel_view.run(["ip", "netns", "del", decoy])
 
 
-# --------------------------------------------------------------------------- known gaps
+# --------------------------------------------------------------------------- replays
 #
 # Deterministic replays of crashes the random test can hit: a run that made or replaced a
 # kernel object and was killed before it saved the state file. Replayed by keeping a copy
@@ -392,7 +392,7 @@ def test_kill_9_at_random_moments_converges_without_leaks(crash: Controller) -> 
             write_manifests(c, target)
         # 3. Restart and converge.
         running = start(c)
-        seconds = _converge_or_known_gap(c, target, context=f"{context} ({how})")
+        seconds = converge(c, target, context=f"{context} ({how})")
         print(f"round {round_}: {len(target)} envs, {how}; converged in {seconds:.1f}s")
         # An env declared throughout keeps its address; one pruned meanwhile (by the flip)
         # may come back with another.
@@ -413,25 +413,6 @@ def test_kill_9_at_random_moments_converges_without_leaks(crash: Controller) -> 
     assert result.returncode == 0, result.stderr
     leaks = leaked_objects(c.instance)
     assert not leaks, f"CRASH_SEED={seed}: destroy left {leaks}"
-
-
-KNOWN_GAPS: dict[str, str] = {
-    # signature in the failure (problems, run log) -> the strict xfail replaying it
-}
-
-
-def _converge_or_known_gap(c: Controller, target: list[str], *, context: str) -> float:
-    """`converge`; a failure that is a known gap (replayed by a strict xfail) is an xfail.
-
-    Remove the entry from KNOWN_GAPS together with the xfail marker when it is fixed.
-    """
-    try:
-        return converge(c, target, context=context)
-    except AssertionError as exc:
-        for signature, gap in KNOWN_GAPS.items():
-            if signature in str(exc):
-                pytest.xfail(f"{context}: hit a known gap: {gap}")
-        raise
 
 
 def _cold_crash(c: Controller, rng: random.Random) -> str:
