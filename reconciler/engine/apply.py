@@ -286,7 +286,10 @@ class Applier:
         """
         if not changes:
             return
-        self.drivers.holders.start()  # the forker boots while cgroups and links are made
+        if any(c.action in (Action.CREATE, Action.RECREATE) for c in changes):
+            # New holders will be needed: the forker boots while cgroups and links are
+            # made (a holder found dead elsewhere starts it on demand).
+            self.drivers.holders.start()
         work: dict[str, _EnvWork] = {}
         for change in changes:
             failures = self._failures_before(change)
@@ -418,10 +421,8 @@ class Applier:
                     except (ReconcilerError, OSError) as exc:
                         failed[item.want.name] = exc
                 continue
-            for change in made:
-                port = change.split()[2].rstrip(":")
-                if port in ports:
-                    ports[port].made.append(change)
+            for port, item in ports.items():
+                item.made += [c for c in made if c.startswith(f"bridge port {port}:")]
         return failed
 
     def _converge_holders(self, items: list[_EnvWork]) -> dict[str, BaseException]:
