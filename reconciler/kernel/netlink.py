@@ -207,15 +207,13 @@ class NetlinkDriver:
         found: dict[str, _Handle] = {}
         missing: list[str] = []
         for name in dict.fromkeys(names):
-            identity = netns.pin_identity(name)
             cached = self._netns.get(name)
             if cached is not None:
-                if cached.identity == identity:
+                if netns.pin_identity(name) == cached.identity:
                     found[name] = cached
                     continue
                 self._drop(name)  # unpinned or recreated: the old socket would keep it alive
-            if identity is not None:
-                missing.append(name)
+            missing.append(name)  # opening checks the pin (an unpinned name is skipped)
         if missing:
             opened = netns.open_sockets(missing)
             failed: tuple[str, OSError] | None = None
