@@ -11,9 +11,13 @@ deadline (`wait_until`); nothing sleeps as a means of synchronisation.
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
+import socket
+import struct
 import subprocess
+import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -290,10 +294,6 @@ class NetlinkChanges:
     from a thread that setns()s (the sockets stay in their namespaces)."""
 
     def __init__(self, netns: Sequence[str] = ()) -> None:
-        import ctypes
-        import socket
-        import threading
-
         groups = _RTMGRP_LINK | _RTMGRP_IPV4_IFADDR | _RTMGRP_IPV4_ROUTE
         libc = ctypes.CDLL(None, use_errno=True)
         self._socks: list[Any] = []
@@ -332,8 +332,6 @@ class NetlinkChanges:
         A bridge re-announces each port (an AF_BRIDGE RTM_NEWLINK) when its STP state
         timer fires, whoever wrote what: those are not counted.
         """
-        import struct
-
         count = 0
         for sock in self._socks:
             while True:
