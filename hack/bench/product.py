@@ -158,13 +158,15 @@ def _fingerprint(rec: Reconciler) -> tuple[int, int, int]:
     return serial, rec.state_file.stat().st_mtime_ns, events
 
 
-def run(
-    trial: Trial, *, python: str, namespaces: Sequence[str], observe_reps: int
-) -> tuple[list[Sample], dict[str, Any]]:
-    """One trial of the product; samples, and the no-op checks for the JSON report."""
-    instance = trial.prefix("r")
+def prepare(
+    trial: Trial, *, prefix: str, python: str, namespaces: Sequence[str]
+) -> tuple[Reconciler, list[str], Path]:
+    """A fresh instance for `trial`: its manifests written in a new work directory.
+
+    Returns the product's invocation, the env names and the work directory (the
+    caller removes it)."""
+    instance = trial.prefix(prefix)
     envs = [f"e{i}" for i in range(trial.n)]
-    netns = [f"{instance}-{env}" for env in envs]
     work = Path(tempfile.mkdtemp(prefix=f"{instance}-"))
     rec = Reconciler(python, work / "manifests", work / "state", instance)
     write_manifests(
@@ -174,6 +176,16 @@ def run(
         envs=envs,
         namespaces=namespaces,
     )
+    return rec, envs, work
+
+
+def run(
+    trial: Trial, *, python: str, namespaces: Sequence[str], observe_reps: int
+) -> tuple[list[Sample], dict[str, Any]]:
+    """One trial of the product; samples, and the no-op checks for the JSON report."""
+    rec, envs, work = prepare(trial, prefix="r", python=python, namespaces=namespaces)
+    instance = rec.instance
+    netns = [f"{instance}-{env}" for env in envs]
     samples: list[Sample] = []
     checks: dict[str, Any] = {"n": trial.n, "round": trial.round}
 

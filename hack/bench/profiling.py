@@ -20,14 +20,13 @@ from __future__ import annotations
 import pstats
 import shutil
 import subprocess
-import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from hack.bench.kernel import BenchError, host_links_gone, wait_until
-from hack.bench.product import Reconciler, write_manifests
+from hack.bench.product import prepare
 from hack.bench.trial import Trial
 
 TOP = 15
@@ -77,17 +76,7 @@ def profile_apply(
     `output` gets the create's call tree, `<output stem>.noop.txt` the no-op's; sessions
     and pstats go beside them. Returns {"create": summary, "noop": summary}.
     """
-    instance = trial.prefix("p")
-    envs = [f"e{i}" for i in range(trial.n)]
-    work = Path(tempfile.mkdtemp(prefix=f"{instance}-"))
-    rec = Reconciler(python, work / "manifests", work / "state", instance)
-    write_manifests(
-        rec.manifests,
-        network=f"n{trial.index}",
-        subnet=str(trial.subnet),
-        envs=envs,
-        namespaces=namespaces,
-    )
+    rec, _, work = prepare(trial, prefix="p", python=python, namespaces=namespaces)
     output.parent.mkdir(parents=True, exist_ok=True)
     result: dict[str, Any] = {}
     try:
