@@ -54,7 +54,6 @@ def exec_(runtime: Runtime, name: str, command: tuple[str, ...]) -> None:
     if os.geteuid() != 0:
         raise ReconcilerError("exec enters an environment's namespaces: run it as root")
     from reconciler.kernel.processes import run_in_env
-    from reconciler.kernel.types import ProcessRef
 
     record = _environment(runtime, name)
     if record.holder is None:
@@ -64,7 +63,7 @@ def exec_(runtime: Runtime, name: str, command: tuple[str, ...]) -> None:
         )
     code = run_in_env(
         env=name,
-        holder=ProcessRef(pid=record.holder.pid, start_time=record.holder.start_time),
+        holder=record.holder.ref,
         cgroup_procs=[os.path.join(path, "cgroup.procs") for path in record.cgroup_paths],
         command=list(command),
     )

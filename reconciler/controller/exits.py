@@ -36,7 +36,7 @@ def recorded_processes(state: StateDocument) -> set[ProcessRef]:
     refs: set[ProcessRef] = set()
     for record in state.environments.values():
         if record.holder is not None:
-            refs.add(ProcessRef(pid=record.holder.pid, start_time=record.holder.start_time))
+            refs.add(record.holder.ref)
         for workload in record.processes.values():
             if workload.pid is not None and workload.start_time is not None:
                 refs.add(ProcessRef(pid=workload.pid, start_time=workload.start_time))

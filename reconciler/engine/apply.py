@@ -37,7 +37,6 @@ from reconciler.kernel.types import (
     HolderDriver,
     HolderSpec,
     NetworkDriver,
-    ProcessRef,
     owner_tag,
 )
 from reconciler.logging_setup import get_logger
@@ -433,7 +432,7 @@ class Applier:
         for item in items:
             record, want = item.record, item.want
             if record.holder is not None:
-                ref = ProcessRef(pid=record.holder.pid, start_time=record.holder.start_time)
+                ref = record.holder.ref
                 if holders.alive(ref):
                     continue
             spec = HolderSpec(
@@ -471,7 +470,7 @@ class Applier:
     ) -> list[str]:
         """Mounts (made once per holder: a changed mount list recreates the env) and processes."""
         assert record.holder is not None
-        holder = ProcessRef(pid=record.holder.pid, start_time=record.holder.start_time)
+        holder = record.holder.ref
         spec = want.manifest.spec
         made: list[str] = []
         if fresh_holder and "mnt" in want.namespaces:
@@ -571,12 +570,9 @@ class Applier:
                 self._succeed(change, item.made)
 
     def _stop_holders(self, items: list[_Teardown]) -> dict[str, BaseException]:
-        stopping = [i for i in items if i.record.holder is not None]
-        refs = [
-            ProcessRef(pid=i.record.holder.pid, start_time=i.record.holder.start_time)
-            for i in stopping
-            if i.record.holder is not None
-        ]
+        holders = [(i, i.record.holder.ref) for i in items if i.record.holder is not None]
+        stopping = [item for item, _ in holders]
+        refs = [ref for _, ref in holders]
         failed: dict[str, BaseException] = {}
         for item, error in zip(stopping, self.drivers.holders.stop_many(refs), strict=True):
             if error is not None:

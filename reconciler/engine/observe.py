@@ -52,7 +52,7 @@ def observe(
     for name, record in recorded.environments.items():
         # After a reboot a recorded (pid, start time) can match an unrelated process.
         if record.holder is not None and same_boot:
-            ref = ProcessRef(pid=record.holder.pid, start_time=record.holder.start_time)
+            ref = record.holder.ref
             alive[name] = holders.alive(ref)
     workloads: dict[str, dict[str, bool]] = {}
     for name, record in recorded.environments.items():

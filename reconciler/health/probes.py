@@ -232,7 +232,7 @@ def target_for(
         netns_path=netns.pin_path(record.netns) if in_netns else None,
         netns_inode=record.netns_inode,
         address=record.address.split("/")[0] if record.address and in_netns else LOOPBACK,
-        holder=ProcessRef(pid=holder.pid, start_time=holder.start_time) if holder else None,
+        holder=holder.ref if holder else None,
         cgroup_procs=cgroup_procs,
     )
 

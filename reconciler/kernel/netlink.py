@@ -86,10 +86,9 @@ def _kernel_errors(what: str) -> Iterator[None]:
 
 
 def _check(code: int, what: str) -> None:
+    """A kernel refusal as a KernelError (the socket is fine: `_call` keeps it)."""
     if code:
-        raise KernelError(f"{what} failed: {os.strerror(code)}") from rtnl.RtnlError(
-            code, os.strerror(code)
-        )
+        raise KernelError(f"{what} failed: {os.strerror(code)}")
 
 
 def _instance_of(alias: str) -> str:

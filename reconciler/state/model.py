@@ -44,6 +44,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from reconciler.kernel.types import ProcessRef
+
 STATE_VERSION = 1
 HISTORY_LIMIT = 50
 VIOLATION_HISTORY = 20  # violations kept per environment, newest last
@@ -70,6 +72,11 @@ class ProcessRecord(_Record):
 
     pid: int
     start_time: int = Field(alias="startTime")
+
+    @property
+    def ref(self) -> ProcessRef:
+        """The identity drivers check and signal by."""
+        return ProcessRef(pid=self.pid, start_time=self.start_time)
 
 
 WorkloadState = Literal["Pending", "Running", "Exited", "Backoff"]
