@@ -37,7 +37,6 @@ restart needs another full threshold of failures.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import errno
 import os
 import select
@@ -68,7 +67,6 @@ _HTTP_HEAD_MAX = 4096
 _EXIT_NOT_FOUND = 127
 _EXIT_CANNOT_RUN = 126
 _EXIT_FAILED = 125
-_PR_SET_PDEATHSIG = 1
 # nsenter's order: mnt last, because joining it also changes root and cwd.
 _NAMESPACES = (
     ("ipc", nsutil.CLONE_NEWIPC),
@@ -86,9 +84,6 @@ _RESET_SIGNALS = (
     signal.SIGTERM,
     signal.SIGHUP,
 )
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]
-_libc.prctl.restype = ctypes.c_int
 
 
 # --------------------------------------------------------------------------- counting (pure)
@@ -436,11 +431,6 @@ def _die(fd: int, what: str, err: int, code: int = _EXIT_FAILED) -> NoReturn:
     os._exit(code)
 
 
-def _parent_death_signal(signum: int) -> None:
-    if _libc.prctl(_PR_SET_PDEATHSIG, signum, 0, 0) != 0:
-        raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG)")
-
-
 def _start_time_of(proc_fd: int, pid: int) -> int:
     fd = os.open(f"{pid}/stat", os.O_RDONLY | os.O_CLOEXEC, dir_fd=proc_fd)
     try:
@@ -454,7 +444,7 @@ def _run_entry(plan: _ExecPlan) -> NoReturn:
     """A: die with the caller, join the cgroup then the namespaces, fork B, wait, exit."""
     step = "prctl"
     try:
-        _parent_death_signal(signal.SIGKILL)
+        nsutil.set_parent_death_signal(signal.SIGKILL)
         if os.getppid() != plan.caller:
             os._exit(_EXIT_FAILED)  # the caller died before the line above took effect
         step = "setsid"
@@ -493,7 +483,7 @@ def _run_command(plan: _ExecPlan) -> NoReturn:
     try:
         os.setsid()  # a session of its own: the timeout kills it and all it started
         step = "prctl"
-        _parent_death_signal(signal.SIGKILL)
+        nsutil.set_parent_death_signal(signal.SIGKILL)
         step = "stdio"
         os.dup2(plan.devnull, 0)
         os.dup2(plan.output, 1)

@@ -149,8 +149,7 @@ class _MountAttr(ctypes.Structure):
     )
 
 
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.syscall.restype = ctypes.c_long
+_libc = nsutil.libc
 
 
 def _syscall_check(result: int, what: str) -> int:
@@ -200,18 +199,6 @@ def _move_mount(fd: int, target: bytes) -> int:
             ctypes.c_uint(MOVE_MOUNT_F_EMPTY_PATH),
         )
     )
-
-
-_libc.mount.argtypes = [
-    ctypes.c_char_p,
-    ctypes.c_char_p,
-    ctypes.c_char_p,
-    ctypes.c_ulong,
-    ctypes.c_char_p,
-]
-_libc.mount.restype = ctypes.c_int
-_libc.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
-_libc.umount2.restype = ctypes.c_int
 
 
 # --------------------------------------------------------------------------- operations

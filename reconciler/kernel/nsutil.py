@@ -47,11 +47,24 @@ _libc.mount.argtypes = [
     ctypes.c_char_p,
     ctypes.c_char_p,
     ctypes.c_ulong,
-    ctypes.c_void_p,
+    ctypes.c_char_p,
 ]
 _libc.mount.restype = ctypes.c_int
 _libc.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
 _libc.umount2.restype = ctypes.c_int
+_libc.prctl.argtypes = [
+    ctypes.c_int,
+    ctypes.c_ulong,
+    ctypes.c_ulong,
+    ctypes.c_ulong,
+    ctypes.c_ulong,
+]
+_libc.prctl.restype = ctypes.c_int
+_libc.syscall.restype = ctypes.c_long
+# The one set of libc bindings of the controller process (argument types declared once).
+# Fork children call these directly: only os and ctypes calls are safe there.
+libc = _libc
+_PR_SET_PDEATHSIG = 1
 
 
 def _check(result: int, what: str) -> None:
@@ -87,6 +100,12 @@ def mount(*, source: str, target: str, fstype: str | None = None, flags: int = 0
 def umount2(target: str, flags: int = 0) -> None:
     """umount2(2); pass MNT_DETACH for a lazy unmount."""
     _check(_libc.umount2(target.encode(), flags), f"umount {target}")
+
+
+def set_parent_death_signal(signum: int) -> None:
+    """prctl(PR_SET_PDEATHSIG): `signum` is sent to the caller when its parent dies."""
+    if _libc.prctl(_PR_SET_PDEATHSIG, signum, 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG)")
 
 
 def run_in_thread(fn: Callable[[], T], *, name: str = "reconciler-ns") -> T:

@@ -59,7 +59,6 @@ with the command's code.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import errno
 import grp
 import json
@@ -110,16 +109,6 @@ _RESET_SIGNALS = (
     signal.SIGTERM,
     signal.SIGHUP,
 )
-_PR_SET_PDEATHSIG = 1
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.prctl.argtypes = [
-    ctypes.c_int,
-    ctypes.c_ulong,
-    ctypes.c_ulong,
-    ctypes.c_ulong,
-    ctypes.c_ulong,
-]
-_libc.prctl.restype = ctypes.c_int
 _SHIM_IGNORES = (signal.SIGHUP, signal.SIGINT, signal.SIGQUIT, signal.SIGTERM)
 
 # The shim, after exec: wait for the workload, record how it ended, atomically. No json
@@ -420,7 +409,7 @@ def _exec_program(
             os.setsid()
         if program.parent_death_signal:
             step = "prctl"
-            _set_parent_death_signal(program.parent_death_signal)
+            nsutil.set_parent_death_signal(program.parent_death_signal)
         if identity is not None:
             proc_fd, ident_fd = identity
             step = "identify"
@@ -461,11 +450,6 @@ def _exec_program(
 
 
 # --------------------------------------------------------------------------- parent side
-
-
-def _set_parent_death_signal(signum: int) -> None:
-    if _libc.prctl(_PR_SET_PDEATHSIG, signum, 0, 0, 0) != 0:
-        raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG)")
 
 
 def _errno_text(exc: OSError) -> str:
@@ -1062,7 +1046,7 @@ def _run_exec_waiter(
     """
     step = "prctl"
     try:
-        _set_parent_death_signal(signal.SIGKILL)
+        nsutil.set_parent_death_signal(signal.SIGKILL)
         if os.getppid() != caller:
             os._exit(_EXIT_FAILED)  # the caller died before the line above took effect
         _enter(entry, report_fd)
